@@ -1,0 +1,214 @@
+"""Command line: `tuneloop train | eval | predict | data`. Config flags are generated from the dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from tuneloop.config import SECTIONS, Config, ConfigError, _suggest, field_paths, load_config, short_names
+from tuneloop.errors import TuneloopError
+
+# Options that belong to the command, not to the config.
+COMMAND_OPTIONS = {"config", "print_config", "debug"}
+
+
+def _metavar(tp: Any) -> str:
+    text = str(tp).replace("typing.", "").replace("NoneType", "null")
+    return text if len(text) < 30 else "VALUE"
+
+
+def add_config_flags(parser: argparse.ArgumentParser, only: set[str] | None = None) -> None:
+    """One flag per config field: `--section.field`, plus `--field-name` where the name is unique."""
+    shorts = {path: name for name, path in short_names().items() if name not in ("model_dir",)}
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} options")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            path = f"{section}.{f.name}"
+            if only is not None and path not in only:
+                continue
+            names = [f"--{path}"]
+            if path in shorts:
+                names.insert(0, f"--{shorts[path].replace('_', '-')}")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            kwargs: dict[str, Any] = dict(dest=path, default=argparse.SUPPRESS,
+                                          help=f"{f.metadata.get('help', '')} (default: {default})")
+            if hints[f.name] is bool:
+                kwargs.update(nargs="?", const="true", metavar="BOOL")
+            else:
+                kwargs.update(metavar=_metavar(hints[f.name]).upper() if "[" not in str(hints[f.name]) else "VALUE")
+            group.add_argument(*names, **kwargs)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="tuneloop", allow_abbrev=False,
+                    description="Fine-tune and evaluate Hugging Face sequence classifiers with one visible loop.")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,predict,data}", parser_class=Parser)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", metavar="FILE", help="YAML file with config sections; flags override it")
+        p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+    train = sub.add_parser("train", help="fine-tune a model and evaluate it", allow_abbrev=False)
+    common(train)
+    train.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    add_config_flags(train)
+
+    ev = sub.add_parser("eval", help="re-evaluate a saved model", allow_abbrev=False)
+    common(ev)
+    ev.add_argument("--model-dir", dest="model.name_or_path", default=argparse.SUPPRESS, metavar="DIR",
+                    help="saved model folder (OUT/model)")
+    add_config_flags(ev, only={p for p in field_paths() if p.startswith(("data.", "eval.", "output.output_dir"))
+                               } | {"train.mixed_precision"})
+
+    pr = sub.add_parser("predict", help="predict labels for a JSONL/CSV file", allow_abbrev=False)
+    pr.add_argument("--model-dir", required=True, metavar="DIR", help="saved model folder (OUT/model)")
+    pr.add_argument("--input", required=True, metavar="FILE|-", help="JSONL or CSV with 'text' (and 'text_pair'); - for stdin")
+    pr.add_argument("--output", metavar="FILE", help="write JSON lines here instead of stdout")
+    pr.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default: 32)")
+    pr.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+    data = sub.add_parser("data", help="show what the training loop will see", allow_abbrev=False)
+    common(data)
+    add_config_flags(data, only={p for p in field_paths() if p.startswith("data.")} | {
+        "model.name_or_path", "train.batch_size", "train.seed"})
+    return parser
+
+
+def parse_config(args: argparse.Namespace) -> Config:
+    flags = {k: v for k, v in vars(args).items() if "." in k}
+    return load_config(getattr(args, "config", None), flags)
+
+
+def quiet_libraries(debug: bool) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if debug:
+        return
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tuneloop.recipe import train
+
+    config = parse_config(args)
+    if args.print_config:
+        print(config.to_yaml(), end="")
+        return 0
+    results = train(config)
+    if results:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tuneloop.recipe import evaluate_model, write_json
+
+    if not getattr(args, "model.name_or_path", None):
+        raise ConfigError("eval needs --model-dir (a folder written by tuneloop train, e.g. runs/mrpc/model)")
+    config = parse_config(args)
+    results = evaluate_model(config)
+    flat = results if len(results) > 1 else next(iter(results.values()))
+    print(json.dumps(flat, indent=2))
+    if "output.output_dir" in vars(args):
+        out = Path(config.output.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "eval_results.json", flat)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tuneloop.predict import predict
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size: must be at least 1, got {args.batch_size}")
+    count = predict(args.model_dir, args.input, args.output, args.batch_size)
+    if args.output:
+        print(f"wrote {count} predictions to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from tuneloop.data import Collator, load_raw, tokenize_splits
+    from tuneloop.model import build_tokenizer
+    from tuneloop.preview import summarize
+
+    config = parse_config(args)
+    PartialState()
+    tokenizer = build_tokenizer(config.model.name_or_path)
+    raw = load_raw(config.data, need_train=False)
+    tokenized = tokenize_splits(raw, tokenizer, config.data)
+    print(summarize(raw, tokenized, tokenizer, Collator(tokenizer, config.data), config))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "data": cmd_data}
+
+
+def _unknown_option_error(argv: list[str], command: str | None) -> None:
+    """Name the closest valid flag for a typo, before argparse's generic message."""
+    known = {f"--{p}" for p in field_paths()} | {f"--{n.replace('_', '-')}" for n in short_names()}
+    known |= {"--config", "--print-config", "--debug", "--model-dir", "--input", "--output", "--batch-size"}
+    for token in argv:
+        if token.startswith("--"):
+            name = token.split("=", 1)[0]
+            if name not in known and name.replace("_", "-") not in known and name != "--help":
+                raise ConfigError(f"unknown option '{name}'{_suggest(name, known)}")
+
+
+def _dashed(token: str) -> str:
+    if not token.startswith("--"):
+        return token
+    name, eq, value = token.partition("=")
+    return (name if "." in name else name.replace("_", "-")) + eq + value
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        parser = build_parser()
+        if not argv or argv[0] in ("-h", "--help"):
+            parser.print_help()
+            return 0 if argv else 2
+        if argv[0] not in COMMANDS:
+            raise ConfigError(f"unknown command '{argv[0]}'{_suggest(argv[0], COMMANDS)}; use one of {', '.join(COMMANDS)}")
+        _unknown_option_error(argv[1:], argv[0])
+        # Underscores are accepted as well as dashes: --learning_rate == --learning-rate.
+        argv = [_dashed(a) for a in argv]
+        args = parser.parse_args(argv)
+        quiet_libraries(debug)
+        return COMMANDS[args.command](args)
+    except TuneloopError as e:
+        if debug:
+            raise
+        print(f"tuneloop: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("tuneloop: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # anything unexpected still ends in one line unless --debug
+        if debug:
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"tuneloop: error: {type(e).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr)
+        return 1

