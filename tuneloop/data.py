@@ -341,7 +341,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
     h = hashlib.sha256()
     h.update(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    if backend is not None:
+        # Truncation/padding settings are runtime state of the backend (set by every call): not identity.
+        spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        h.update(json.dumps(spec, sort_keys=True).encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     return h.hexdigest()[:16]
 
 
@@ -373,7 +378,14 @@ def tokenize_splits(raw: RawData, tokenizer, cfg: DataConfig) -> dict[str, Any]:
         ds = datasets.Dataset.from_dict(columns)
         try:
             tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            ds.save_to_disk(str(tmp))
+            quiet = not datasets.utils.are_progress_bars_disabled()
+            if quiet:
+                datasets.utils.disable_progress_bars()
+            try:
+                ds.save_to_disk(str(tmp))
+            finally:
+                if quiet:
+                    datasets.utils.enable_progress_bars()
             os.replace(tmp, path)
             ds = datasets.load_from_disk(str(path))
         except OSError as e:

@@ -31,7 +31,13 @@ RUN_MARKERS = ("config.yaml", "metrics.jsonl", "eval_results.json", "model")
 
 def make_accelerator(config: Config):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
+    # A notebook may call train() again with other settings: Accelerate keeps process-wide singletons,
+    # which are safe to reset between runs in a single process (never inside a distributed job).
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
     return Accelerator(mixed_precision=config.train.mixed_precision,
                        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
                        step_scheduler_with_optimizer=False)
@@ -49,7 +55,7 @@ def check_output_dir(config: Config) -> Path:
     return out
 
 
-def prepare_output_dir(out: Path, overwrite: bool) -> None:
+def ensure_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
@@ -57,8 +63,13 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
         probe.unlink()
     except OSError as e:
         raise TuneloopError(f"cannot write to output folder {out}: {e.strerror or e}") from None
-    if overwrite and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
+
+
+def start_run_files(out: Path, config: Config) -> None:
+    """Called once setup has succeeded: only then is an overwritten run's record replaced."""
+    for name in ("metrics.jsonl", "eval_results.json"):
+        (out / name).unlink(missing_ok=True)
+    (out / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
 
 
 def eval_dataloader(dataset, collator, batch_size: int, sort_by_length: bool = True):
@@ -152,12 +163,12 @@ def train(config: Config) -> dict[str, float]:
     out = check_output_dir(config)
     accelerator = make_accelerator(config)
     if accelerator.is_main_process:
-        prepare_output_dir(out, config.output.overwrite)
+        ensure_writable(out)
     metrics_log = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process)
     state = TrainingState()
     run = setup(config, accelerator, state, metrics_log)
     if accelerator.is_main_process:
-        (out / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+        start_run_files(out, config)
         print(describe_run(run), flush=True)
     results = train_loop(run)
     if not run.eval_dataloaders:

@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny random-init BERT with the bundled tokenizer, GLUE paths, small data files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Never wait on an unreachable Hub, never write caches beside ../shared.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE = (REPO.parent / "shared" / "data" / "glue").resolve()
+MRPC = GLUE / "MRPC"
+SST2 = GLUE / "SST-2"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("TUNELOOP_CACHE", str(tmp_path_factory.getbasetemp() / "tuneloop-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-32 BERT with random weights, saved with the bundled MiniLM tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from tuneloop.model import default_model_path
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    torch.manual_seed(1234)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def mrpc_slice(tmp_path) -> Path:
+    """A glue_data-style MRPC folder with the real files' first lines (BOM, header, quotes intact)."""
+    out = tmp_path / "MRPC"
+    out.mkdir()
+    for name, lines in (("train.tsv", 65), ("dev.tsv", 41), ("test.tsv", 21)):
+        with open(MRPC / name, "rb") as src:
+            head = b"".join(src.readline() for _ in range(lines))
+        (out / name).write_bytes(head)
+    return out
+
+
+def tiny_args(model_dir: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--model", str(model_dir), "--data-dir", str(data_dir), "--output-dir", str(out),
+            "--epochs", "1", "--batch-size", "8", "--learning-rate", "1e-3", "--log-every", "2", *extra]

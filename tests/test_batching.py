@@ -1,0 +1,53 @@
+import pytest
+
+from tuneloop.batching import EpochBatchSampler, plan_epoch
+
+LENGTHS = [(i * 37) % 101 + 1 for i in range(1003)]
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_every_example_exactly_once_per_epoch(grouped):
+    for epoch in range(3):
+        plan = plan_epoch(LENGTHS, 8, seed=0, epoch=epoch, group_by_length=grouped)
+        flat = [i for b in plan for i in b]
+        assert sorted(flat) == list(range(len(LENGTHS)))
+        assert len(plan) == -(-len(LENGTHS) // 8)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_order_differs_per_epoch_and_seed_but_is_reproducible(grouped):
+    a = plan_epoch(LENGTHS, 8, seed=0, epoch=0, group_by_length=grouped)
+    assert a == plan_epoch(LENGTHS, 8, seed=0, epoch=0, group_by_length=grouped)
+    assert a != plan_epoch(LENGTHS, 8, seed=0, epoch=1, group_by_length=grouped)
+    assert a != plan_epoch(LENGTHS, 8, seed=1, epoch=0, group_by_length=grouped)
+
+
+def test_grouping_cuts_padding():
+    from tuneloop.preview import padding_share
+
+    assert padding_share(LENGTHS, 8, 0, True) < padding_share(LENGTHS, 8, 0, False) / 5
+
+
+def test_shards_cover_the_plan_with_equal_step_counts():
+    samplers = [EpochBatchSampler(LENGTHS, 8, seed=3, num_processes=3, process_index=p) for p in range(3)]
+    for s in samplers:
+        s.set_epoch(1)
+    local = [list(s) for s in samplers]
+    assert len({len(batches) for batches in local}) == 1 and len(local[0]) == len(samplers[0])
+    seen = [i for batches in local for b in batches for i in b]
+    assert set(seen) == set(range(len(LENGTHS)))  # padding repeats a few batches, drops none
+
+
+def test_start_skips_exactly_the_consumed_batches():
+    s = EpochBatchSampler(LENGTHS, 8, seed=0)
+    s.set_epoch(2)
+    full = list(s)
+    s.set_epoch(2, start=17)
+    assert list(s) == full[17:]
+
+
+def test_window_sizes_count_every_example_of_each_optimizer_step():
+    s = EpochBatchSampler(list(range(21)), 4, seed=0)  # batches 4,4,4,4,4,1
+    assert s.window_sizes(4) == [16, 5]  # the short last window holds 5 examples
+    two = EpochBatchSampler(list(range(21)), 4, seed=0, num_processes=2)
+    assert two.window_sizes(1) == [8, 8, 5]

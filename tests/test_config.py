@@ -1,0 +1,84 @@
+import pytest
+import yaml
+
+from tuneloop.cli import main
+from tuneloop.config import Config, ConfigError, config_from_dict, load_config
+
+
+def test_defaults_are_the_classic_recipe():
+    c = Config()
+    assert (c.data.task, c.train.epochs, c.train.batch_size, c.optim.learning_rate) == ("mrpc", 3, 8, 5e-5)
+    assert c.optim.lr_scheduler == "linear" and c.optim.weight_decay == 0.01 and c.optim.max_grad_norm == 1.0
+
+
+def test_yaml_then_flags_override(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  learning_rate: 3.0e-5\ntrain:\n  epochs: 2\n  batch_size: 16\n")
+    c = load_config(path, {"epochs": "5", "data.task": "sst2", "text_columns": "a,b"})
+    assert c.optim.learning_rate == 3e-5
+    assert c.train.epochs == 5 and c.train.batch_size == 16
+    assert c.data.task == "sst2" and c.data.text_columns == ["a", "b"]
+
+
+def test_null_flag_and_booleans():
+    c = load_config(None, {"max_grad_norm": "null", "group_by_length": "true", "overwrite": "yes"})
+    assert c.optim.max_grad_norm is None and c.data.group_by_length is True and c.output.overwrite is True
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"optim": {"learning_rat": 1e-4}}, "unknown config key 'optim.learning_rat' (did you mean 'learning_rate'?)"),
+    ({"optimizer": {}}, "unknown config section 'optimizer' (did you mean 'optim'?)"),
+    ({"epochs": 3}, "unknown config section 'epochs' (did you mean 'train.epochs'?)"),
+    ({"optim": {"learning_rate": -1}}, "optim.learning_rate: must be positive"),
+    ({"train": {"batch_size": 0}}, "train.batch_size: must be at least 1, got 0"),
+    ({"train": {"batch_size": 2.5}}, "train.batch_size: expected an integer"),
+    ({"data": {"task": "mrcp"}}, "data.task: unknown task 'mrcp' (did you mean 'mrpc'?)"),
+    ({"optim": {"warmup_ratio": 1.5}}, "warmup longer than training"),
+    ({"train": {"mixed_precision": "bf61"}}, "train.mixed_precision: 'bf61' is not one of no, bf16, fp16"),
+    ({"optim": {"lr_scheduler": "cosnie"}}, "did you mean 'cosine'?"),
+])
+def test_invalid_config_names_the_key(raw, message):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(raw)
+    assert message in str(e.value)
+
+
+def test_corrupt_yaml_is_one_clear_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  learning_rate: [1e-4\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not valid YAML" in err[0] and "Traceback" not in err[0]
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_unknown_flag_suggests(capsys):
+    assert main(["train", "--learning_rat", "1e-4"]) == 2
+    assert "did you mean '--learning-rate'?" in capsys.readouterr().err
+
+
+def test_print_config_round_trips(tmp_path, capsys):
+    assert main(["train", "--print-config", "--learning-rate", "2e-5", "--optim.warmup_ratio", "0.1",
+                 "--model", "some/model"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["optim"]["learning_rate"] == 2e-5 and printed["optim"]["warmup_ratio"] == 0.1
+    assert printed["model"]["name_or_path"] == "some/model"
+    assert config_from_dict(printed).to_dict() == printed
+
+
+def test_every_short_flag_of_the_issue_exists(capsys):
+    from tuneloop.config import short_names
+
+    wanted = ["task", "data_dir", "train_file", "validation_file", "test_file", "text_columns", "label_column",
+              "model", "output_dir", "epochs", "batch_size", "learning_rate", "weight_decay", "warmup_ratio",
+              "max_length", "seed", "max_train_samples", "max_eval_samples", "mixed_precision",
+              "gradient_accumulation_steps"]
+    assert not [w for w in wanted if w not in short_names()]
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--gradient-accumulation-steps" in help_text and "peak learning rate of AdamW" in help_text

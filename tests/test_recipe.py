@@ -1,0 +1,82 @@
+"""End-to-end runs of the Python API with a tiny model: determinism, accumulation, outputs."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tuneloop
+from tuneloop.config import Config
+
+
+def _config(model_dir, data_dir, out, **train):
+    c = Config()
+    c.model.name_or_path = str(model_dir)
+    c.data.data_dir = str(data_dir)
+    c.data.max_train_samples = 20
+    c.data.max_length = 48
+    c.output.output_dir = str(out)
+    c.optim.learning_rate = 1e-3
+    c.train.epochs = 2
+    c.train.log_every = 1
+    for k, v in train.items():
+        setattr(c.train, k, v)
+    return c
+
+
+def _weights(out):
+    return load_file(str(out / "model" / "model.safetensors"))
+
+
+def test_same_seed_same_weights_and_metrics(tiny_model_dir, mrpc_slice, tmp_path):
+    a = tuneloop.train(_config(tiny_model_dir, mrpc_slice, tmp_path / "a"))
+    b = tuneloop.train(_config(tiny_model_dir, mrpc_slice, tmp_path / "b"))
+    assert a == b and set(a) >= {"accuracy", "f1", "loss"}
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    tuneloop.train(_config(tiny_model_dir, mrpc_slice, tmp_path / "c", seed=1))
+    assert not torch.equal(_weights(tmp_path / "c")["classifier.weight"], wa["classifier.weight"])
+
+
+def test_accumulation_equals_the_larger_batch_including_a_short_last_window(tiny_model_dir, mrpc_slice, tmp_path):
+    # 20 examples: one batch of 8 per step -> windows 8, 8, 4; micro-batches of 2 x 4 steps -> the same
+    # windows, the last one holding only 2 micro-batches.
+    big = tuneloop.train(_config(tiny_model_dir, mrpc_slice, tmp_path / "big", batch_size=8))
+    small = tuneloop.train(_config(tiny_model_dir, mrpc_slice, tmp_path / "small", batch_size=2,
+                                   gradient_accumulation_steps=4))
+    wb, ws = _weights(tmp_path / "big"), _weights(tmp_path / "small")
+    for k in wb:
+        torch.testing.assert_close(ws[k], wb[k], rtol=1e-4, atol=1e-5)
+    assert small["accuracy"] == big["accuracy"]
+    steps = [json.loads(l)["step"] for l in open(tmp_path / "small" / "metrics.jsonl") if '"train"' in l]
+    assert steps == list(range(1, 7))  # 3 optimizer steps per epoch, never an extra one
+
+
+def test_outputs_of_a_run(tiny_model_dir, mrpc_slice, tmp_path):
+    out = tmp_path / "run"
+    cfg = _config(tiny_model_dir, mrpc_slice, out)
+    cfg.eval.eval_every = 2
+    results = tuneloop.train(cfg)
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "eval_results.json", "learning_curves.png",
+                                                     "metrics.jsonl", "model"]
+    records = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    train = [r for r in records if r["type"] == "train"]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in evals] == [2, 3, 4, 6]  # every 2 steps and at each epoch end, never twice
+    assert train[-1]["lr"] == 0.0 and all(r["samples_per_second"] > 0 for r in train)
+    final = json.loads((out / "eval_results.json").read_text())
+    assert final["accuracy"] == results["accuracy"] == evals[-1]["accuracy"] and final["step"] == 6
+    assert (out / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "model" / "config.json").read_text())
+    assert saved["id2label"] == {"0": "not_equivalent", "1": "equivalent"}
+
+
+def test_refuses_to_overwrite_a_finished_run(tiny_model_dir, mrpc_slice, tmp_path):
+    out = tmp_path / "run"
+    tuneloop.train(_config(tiny_model_dir, mrpc_slice, out, epochs=1))
+    before = (out / "eval_results.json").read_text()
+    with pytest.raises(tuneloop.TuneloopError, match="already holds a run .* pass --overwrite"):
+        tuneloop.train(_config(tiny_model_dir, mrpc_slice, out, epochs=1))
+    assert (out / "eval_results.json").read_text() == before
