@@ -31,7 +31,7 @@ def test_grouping_cuts_padding():
 def test_shards_cover_the_plan_with_equal_step_counts():
     samplers = [EpochBatchSampler(LENGTHS, 8, seed=3, num_processes=3, process_index=p) for p in range(3)]
     for s in samplers:
-        s.set_epoch(1)
+        s.select_epoch(1)
     local = [list(s) for s in samplers]
     assert len({len(batches) for batches in local}) == 1 and len(local[0]) == len(samplers[0])
     seen = [i for batches in local for b in batches for i in b]
@@ -40,9 +40,9 @@ def test_shards_cover_the_plan_with_equal_step_counts():
 
 def test_start_skips_exactly_the_consumed_batches():
     s = EpochBatchSampler(LENGTHS, 8, seed=0)
-    s.set_epoch(2)
+    s.select_epoch(2)
     full = list(s)
-    s.set_epoch(2, start=17)
+    s.select_epoch(2, start=17)
     assert list(s) == full[17:]
 
 

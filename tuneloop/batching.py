@@ -42,7 +42,7 @@ class EpochBatchSampler:
 
     The global plan is padded (by repeating its first batches) to a multiple of `num_processes`
     so every process runs the same number of steps; process `p` takes batches p, p+N, p+2N, ...
-    `set_epoch(epoch, start)` selects the epoch and skips `start` of this process's batches.
+    `select_epoch(epoch, start)` selects the epoch and skips `start` of this process's batches.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True,
@@ -57,7 +57,9 @@ class EpochBatchSampler:
         self.epoch = 0
         self.start = 0
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
+    # Deliberately not named `set_epoch`: Accelerate's DataLoaderShard calls `set_epoch` with its own
+    # iteration counter on every pass, which would reset the epoch and the resume position.
+    def select_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
     def global_plan(self) -> list[list[int]]:

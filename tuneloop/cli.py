@@ -42,6 +42,8 @@ def add_config_flags(parser: argparse.ArgumentParser, only: set[str] | None = No
                                           help=f"{f.metadata.get('help', '')} (default: {default})")
             if hints[f.name] is bool:
                 kwargs.update(nargs="?", const="true", metavar="BOOL")
+            elif "const" in f.metadata:  # a flag that may stand alone (--resume) or take a value
+                kwargs.update(nargs="?", const=f.metadata["const"], metavar="PATH")
             else:
                 kwargs.update(metavar=_metavar(hints[f.name]).upper() if "[" not in str(hints[f.name]) else "VALUE")
             group.add_argument(*names, **kwargs)
@@ -100,6 +102,7 @@ def quiet_libraries(debug: bool) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # weight loading/saving bars; ours stays
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
 
@@ -184,7 +187,12 @@ def _dashed(token: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(levelname)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("tuneloop: %(levelname)s: %(message)s"))
+    package_log = logging.getLogger("tuneloop")
+    package_log.handlers[:] = [handler]
+    package_log.setLevel(logging.INFO if debug else logging.WARNING)
+    package_log.propagate = False
     try:
         parser = build_parser()
         if not argv or argv[0] in ("-h", "--help"):

@@ -70,6 +70,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = _f("no", "autocast precision (no, bf16, fp16)")
     seed: int = _f(0, "seed for weights of new heads, dropout and data order")
     log_every: int = _f(10, "log loss and learning rate every N optimizer steps")
+    nan_policy: Literal["stop", "skip"] = _f("stop", "on a NaN/infinite loss: stop with a message, or skip that update and count it")
 
 
 @dataclass
@@ -85,6 +86,16 @@ class OutputConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    checkpoint_every: int = _f(0, "save a checkpoint every N optimizer steps (0: off)")
+    checkpoint_every_epoch: bool = _f(True, "save a checkpoint at the end of every epoch")
+    keep_last: int = _f(2, "keep the newest N checkpoints (plus the best one)")
+    keep_best: bool = _f(True, "also keep the checkpoint with the best evaluation metric")
+    resume: str | None = _f(None, "resume from the newest complete checkpoint in the output folder (--resume) or from a given checkpoint folder (--resume PATH)", const="latest")
+    resume_force: bool = _f(False, "resume even if settings or data changed since the checkpoint (the changes are logged)")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -92,6 +103,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -319,5 +331,9 @@ def validate(config: Config) -> None:
     schedules = [s.value for s in SchedulerType]
     if o.lr_scheduler not in schedules:
         raise ConfigError(f"optim.lr_scheduler: unknown schedule '{o.lr_scheduler}'{_suggest(o.lr_scheduler, schedules)}")
+    if config.checkpoint.checkpoint_every < 0:
+        raise ConfigError(f"checkpoint.checkpoint_every: must not be negative, got {config.checkpoint.checkpoint_every}")
+    if config.checkpoint.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last: must be at least 1, got {config.checkpoint.keep_last}")
     if e.eval_every < 0:
         raise ConfigError(f"eval.eval_every: must not be negative, got {e.eval_every}")

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from tuneloop.checkpoint import save_checkpoint
+from tuneloop.errors import TuneloopError
 from tuneloop.evaluate import evaluate
+from tuneloop.signals import Interrupted, StopRequest
 
 
 @dataclass
@@ -27,6 +30,8 @@ class TrainingState:
     samples_seen: int = 0  # training examples seen, all processes together
     best_metric: float | None = None
     best_step: int | None = None
+    skipped_steps: int = 0  # updates skipped for a non-finite loss (nan_policy: skip)
+    pending_loss: tuple[float, float] = (0.0, 0.0)  # loss sum and count since the last log line
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,6 +61,7 @@ class Run:
     state: TrainingState
     tokenizer: Any = None
     raw: Any = None  # tuneloop.data.RawData
+    stop: StopRequest = field(default_factory=lambda: StopRequest(announce=False))
 
 
 def run_evaluation(run: Run) -> dict[str, float]:
@@ -68,12 +74,18 @@ def run_evaluation(run: Run) -> dict[str, float]:
     return results
 
 
-def record_evaluation(run: Run, results: dict[str, float]) -> None:
+def record_evaluation(run: Run, results: dict[str, float]) -> float | None:
+    """Log an evaluation and track the best score; a NaN score is never the best."""
     state = run.state
     score = results.get(run.main_metric)
     if score is not None and math.isfinite(score) and (state.best_metric is None or score > state.best_metric):
         state.best_metric, state.best_step = score, state.step
     run.log({"type": "eval", "step": state.step, "epoch": state.epoch, **results})
+    return score if score is not None and math.isfinite(score) else None
+
+
+class NonFiniteLoss(TuneloopError):
+    """The loss became NaN or infinite and nan_policy is `stop`."""
 
 
 def train_loop(run: Run) -> dict[str, float]:
@@ -83,59 +95,124 @@ def train_loop(run: Run) -> dict[str, float]:
     processes = accelerator.num_processes
     progress = tqdm(total=run.num_training_steps, initial=state.step, desc="train", unit="step",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
-    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    loss_count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    # Loss since the last log line stays on the device: no host sync except on logging steps.
+    # (A resumed run starts from the sums saved with the checkpoint, so its log lines match.)
+    pending = state.pending_loss if accelerator.is_main_process else (0.0, 0.0)
+    loss_sum = torch.tensor(pending[0], device=accelerator.device, dtype=torch.float64)
+    loss_count = pending[1]
+    window_loss, window_count = torch.zeros((), device=accelerator.device, dtype=torch.float64), 0
     last_log_time, last_log_samples = time.perf_counter(), state.samples_seen
     results: dict[str, float] = {}
     model.train()
     while state.epoch < cfg.train.epochs:
-        sampler.set_epoch(state.epoch, start=state.batch_in_epoch)
+        sampler.select_epoch(state.epoch, start=state.batch_in_epoch)
         window_sizes = sampler.window_sizes(accumulation)
         for batch in run.train_dataloader:
             n = batch["labels"].shape[0]
+            window = state.batch_in_epoch // accumulation
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 # accelerator.backward divides by the accumulation steps and DDP averages over processes;
                 # undo both and weight this micro-batch by its share of the window's examples, so K
                 # micro-batches (or a short last window) give the same update as one big batch.
-                weight = n * accumulation * processes / window_sizes[state.batch_in_epoch // accumulation]
-                accelerator.backward(loss * weight)
-                loss_sum += loss.detach().double() * n
-                loss_count += n
+                accelerator.backward(loss * (n * accumulation * processes / window_sizes[window]))
+                window_loss += loss.detach().double() * n
+                window_count += n
                 if accelerator.sync_gradients:
-                    if cfg.optim.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-                    optimizer.step()
-                    if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule aligned
-                        scheduler.step()
+                    # One small reduction per optimizer step decides on NaN and on stop signals.
+                    finite = check_step(run, window_loss)
+                    if finite:
+                        if cfg.optim.max_grad_norm:
+                            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+                        optimizer.step()
+                        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule aligned
+                            scheduler.step()
+                        loss_sum += window_loss
+                        loss_count += window_count
+                    else:
+                        state.skipped_steps += 1
                     optimizer.zero_grad(set_to_none=True)
+                    window_loss.zero_()
+                    window_count = 0
             state.batch_in_epoch += 1
             if not accelerator.sync_gradients:
                 continue
 
             state.step += 1
             progress.update(1)
-            state.samples_seen += int(window_sizes[(state.batch_in_epoch - 1) // accumulation])
+            state.samples_seen += int(window_sizes[window])
             if state.step % cfg.train.log_every == 0 or state.step == run.num_training_steps:
-                # The only host sync of the step, and only on logging steps.
-                total = accelerator.reduce(torch.stack([loss_sum, loss_count]), reduction="sum")
-                train_loss = (total[0] / total[1]).item()
-                loss_sum.zero_(), loss_count.zero_()
-                now = time.perf_counter()
-                lr = scheduler.get_last_lr()[0]
+                total = accelerator.reduce(torch.stack([loss_sum, torch.tensor(float(loss_count), device=loss_sum.device,
+                                                                               dtype=torch.float64)]), "sum")
+                train_loss = (total[0] / total[1]).item() if total[1] > 0 else math.nan
+                loss_sum.zero_()
+                loss_count = 0
+                now, lr = time.perf_counter(), scheduler.get_last_lr()[0]
                 run.log({"type": "train", "step": state.step, "epoch": state.epoch + state.batch_in_epoch / len(sampler),
-                         "loss": train_loss, "lr": lr,
+                         "loss": train_loss, "lr": lr, "skipped_steps": state.skipped_steps,
                          "samples_per_second": (state.samples_seen - last_log_samples) / max(now - last_log_time, 1e-9)})
                 last_log_time, last_log_samples = now, state.samples_seen
                 progress.set_postfix(epoch=state.epoch + 1, loss=f"{train_loss:.4f}", lr=f"{lr:.2e}")
+            metric = None
             if cfg.eval.eval_every and state.step % cfg.eval.eval_every == 0 and run.eval_dataloaders:
                 results = run_evaluation(run)
-                record_evaluation(run, results)
+                metric = record_evaluation(run, results)
+            epoch_done = state.batch_in_epoch == len(sampler)
+            if cfg.checkpoint.checkpoint_every and state.step % cfg.checkpoint.checkpoint_every == 0 \
+                    and not (epoch_done and cfg.checkpoint.checkpoint_every_epoch):  # the epoch end saves it
+                state.pending_loss = pending_loss(accelerator, loss_sum, loss_count)
+                save_checkpoint(run, metric)
+            if run.stop.requested:
+                stop_for_signal(run, loss_sum, loss_count)
 
         state.epoch += 1
         state.batch_in_epoch = 0
+        metric = None
         if run.eval_dataloaders and not (cfg.eval.eval_every and state.step % cfg.eval.eval_every == 0):
             results = run_evaluation(run)
-            record_evaluation(run, results)
+            metric = record_evaluation(run, results)
+        if cfg.checkpoint.checkpoint_every_epoch:
+            state.pending_loss = pending_loss(accelerator, loss_sum, loss_count)
+            save_checkpoint(run, metric)
     progress.close()
+    if not results and run.eval_dataloaders:  # resumed from the final checkpoint: nothing left to train
+        results = run_evaluation(run)
     return results
+
+
+def check_step(run: Run, window_loss: torch.Tensor) -> bool:
+    """Whether this optimizer step's loss is finite on every process; raise if it is not and the policy is stop."""
+    flags = torch.stack([(~torch.isfinite(window_loss)).double(),
+                         torch.tensor(float(run.stop.requested), device=window_loss.device, dtype=torch.float64)])
+    if run.accelerator.num_processes > 1:
+        flags = run.accelerator.reduce(flags, "max")  # a signal seen by one process stops them all
+    nonfinite, stop = flags.tolist()
+    if stop and not run.stop.requested:
+        run.stop.signal_name = "a signal on another process"
+    if nonfinite and run.config.train.nan_policy == "stop":
+        from tuneloop.checkpoint import latest_checkpoint
+
+        state = run.state
+        raise NonFiniteLoss(f"the loss became NaN/infinite at optimizer step {state.step + 1} (epoch {state.epoch + 1}); "
+                            f"stopped before applying it. Lower the learning rate, check the data, or set "
+                            f"--train.nan_policy skip. Last good checkpoint: {latest_checkpoint(run) or 'none'}")
+    return not nonfinite
+
+
+def pending_loss(accelerator, loss_sum: torch.Tensor, loss_count: int) -> tuple[float, float]:
+    """Loss not yet logged, summed over processes, to be stored with a checkpoint."""
+    total = accelerator.reduce(torch.stack([loss_sum, torch.tensor(float(loss_count), device=loss_sum.device,
+                                                                   dtype=torch.float64)]), "sum")
+    return float(total[0]), float(total[1])
+
+
+def stop_for_signal(run: Run, loss_sum: torch.Tensor, loss_count: int) -> None:
+    from tuneloop.checkpoint import checkpoints_dir
+
+    state = run.state
+    path = checkpoints_dir(run.config.output.output_dir) / f"step-{state.step:06d}"
+    if not path.exists():
+        state.pending_loss = pending_loss(run.accelerator, loss_sum, loss_count)
+        path = save_checkpoint(run, None)
+    raise Interrupted(f"stopped by {run.stop.signal_name} after optimizer step {state.step}; checkpoint saved in "
+                      f"{path}. Resume with the same command plus --resume")

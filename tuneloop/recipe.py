@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from tuneloop.batching import EpochBatchSampler
+from tuneloop.checkpoint import resume
 from tuneloop.config import Config
 from tuneloop.data import Collator, RawData, load_raw, tokenize_splits
 from tuneloop.evaluate import evaluate
@@ -22,6 +23,7 @@ from tuneloop.errors import DataError, TuneloopError
 from tuneloop.loop import Run, TrainingState, run_evaluation, train_loop
 from tuneloop.model import build_model, build_tokenizer, resolve_model_path, saved_label_names
 from tuneloop.optim import build_optimizer, build_scheduler, num_training_steps
+from tuneloop.signals import StopRequest
 from tuneloop.tracking import MetricsLog, plot_learning_curves
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ def check_output_dir(config: Config) -> Path:
     if out.exists() and not out.is_dir():
         raise TuneloopError(f"output path {out} exists and is not a folder")
     existing = [m for m in RUN_MARKERS if (out / m).exists()]
-    if existing and not config.output.overwrite:
+    if existing and not config.output.overwrite and not config.checkpoint.resume:
         raise TuneloopError(f"output folder {out} already holds a run ({', '.join(existing)}); "
                             f"pass --overwrite or choose another --output-dir")
     return out
@@ -67,8 +69,12 @@ def ensure_writable(out: Path) -> None:
 
 def start_run_files(out: Path, config: Config) -> None:
     """Called once setup has succeeded: only then is an overwritten run's record replaced."""
+    from tuneloop.checkpoint import checkpoints_dir
+
     for name in ("metrics.jsonl", "eval_results.json"):
         (out / name).unlink(missing_ok=True)
+    if checkpoints_dir(out).exists():  # an overwritten run's checkpoints must never be resumed into this one
+        shutil.rmtree(checkpoints_dir(out))
     (out / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
 
 
@@ -118,6 +124,7 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
     model, optimizer, *prepared = accelerator.prepare(model, optimizer, *eval_dls.values())
     eval_dls = dict(zip(eval_dls, prepared))
+    accelerator.register_for_checkpointing(scheduler)  # saved and restored by save_state/load_state
     run = Run(config=config, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
               train_dataloader=train_dl, train_sampler=sampler, eval_dataloaders=eval_dls, metrics=raw.metrics,
               main_metric=raw.main_metric, is_regression=raw.is_regression, num_training_steps=total_steps,
@@ -167,12 +174,21 @@ def train(config: Config) -> dict[str, float]:
     metrics_log = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process)
     state = TrainingState()
     run = setup(config, accelerator, state, metrics_log)
-    if accelerator.is_main_process:
+    if config.checkpoint.resume:
+        path = resume(run, config.checkpoint.resume, config.checkpoint.resume_force)
+        if accelerator.is_main_process:
+            (out / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+            print(f"tuneloop: resuming from {path} at optimizer step {state.step} "
+                  f"(epoch {state.epoch + 1}, batch {state.batch_in_epoch})", flush=True)
+    elif accelerator.is_main_process:
         start_run_files(out, config)
+    if accelerator.is_main_process:
         print(describe_run(run), flush=True)
-    results = train_loop(run)
-    if not run.eval_dataloaders:
-        results = {}
+    run.stop = StopRequest(announce=accelerator.is_main_process).install()
+    try:
+        results = train_loop(run)
+    finally:
+        run.stop.restore()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_model(run, out)
