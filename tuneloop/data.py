@@ -397,12 +397,13 @@ def tokenize_splits(raw: RawData, tokenizer, cfg: DataConfig) -> dict[str, Any]:
 class Collator:
     """Dynamic padding of a list of tokenised examples, dropping the bookkeeping `length` column."""
 
-    def __init__(self, tokenizer, cfg: DataConfig):
+    def __init__(self, tokenizer, cfg: DataConfig, pad_to_multiple_of: int | None = None):
         from transformers import DataCollatorWithPadding
 
         padding = "max_length" if cfg.padding == "max_length" else "longest"
         self.inner = DataCollatorWithPadding(tokenizer, padding=padding, max_length=cfg.max_length,
-                                             pad_to_multiple_of=cfg.pad_to_multiple_of, return_tensors="pt")
+                                             pad_to_multiple_of=cfg.pad_to_multiple_of or pad_to_multiple_of,
+                                             return_tensors="pt")
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         return self.inner([{k: v for k, v in f.items() if k != "length"} for f in features])

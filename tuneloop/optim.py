@@ -29,9 +29,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    # foreach: one multi-tensor kernel per step instead of a Python loop over ~100 parameters.
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
-                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, foreach=True)
+    """AdamW as one fused kernel where PyTorch has it for the parameters' device, else multi-tensor."""
+    groups = param_groups(model, cfg.weight_decay)
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, ValueError):  # e.g. a device or dtype without a fused implementation
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
 def num_training_steps(batches_per_epoch: int, epochs: int, accumulation_steps: int) -> int:

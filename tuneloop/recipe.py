@@ -23,6 +23,7 @@ from tuneloop.errors import DataError, TuneloopError
 from tuneloop.loop import Run, TrainingState, run_evaluation, train_loop
 from tuneloop.model import build_model, build_tokenizer, resolve_model_path, saved_label_names
 from tuneloop.optim import build_optimizer, build_scheduler, num_training_steps
+from tuneloop.precision import resolve_mixed_precision
 from tuneloop.signals import StopRequest
 from tuneloop.tracking import MetricsLog, plot_learning_curves
 
@@ -40,9 +41,10 @@ def make_accelerator(config: Config):
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         AcceleratorState._reset_state()
         GradientState._reset_state()
-    return Accelerator(mixed_precision=config.train.mixed_precision,
+    return Accelerator(mixed_precision=resolve_mixed_precision(config.train.mixed_precision),
                        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
-                       step_scheduler_with_optimizer=False)
+                       step_scheduler_with_optimizer=False,
+                       dynamo_backend="inductor" if config.train.compile else "no")
 
 
 def check_output_dir(config: Config) -> Path:
@@ -103,7 +105,8 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     for split in ["train", *raw.eval_splits]:
         if "labels" not in tokenized[split].column_names:
             raise DataError(f"{split} split has no labels")
-    collator = Collator(tokenizer, config.data)
+    # A compiled model recompiles per new input shape: rounding lengths to a multiple of 8 bounds that.
+    collator = Collator(tokenizer, config.data, pad_to_multiple_of=8 if config.train.compile else None)
     # The classifier head is initialised from the seed set above, so runs are reproducible.
     model = build_model(config.model.name_or_path, raw.label_names)
 
