@@ -47,7 +47,8 @@ def test_start_skips_exactly_the_consumed_batches():
 
 
 def test_window_sizes_count_every_example_of_each_optimizer_step():
-    s = EpochBatchSampler(list(range(21)), 4, seed=0)  # batches 4,4,4,4,4,1
-    assert s.window_sizes(4) == [16, 5]  # the short last window holds 5 examples
+    s = EpochBatchSampler(list(range(21)), 4, seed=0, accumulation_steps=4)  # batches 4,4,4,4 | 4,1
+    assert s.window_sizes() == [16, 5]  # the short last window holds 5 examples
+    assert [len(b) for b in s.local_plan()] == [4, 4, 4, 4, 4, 1] and len(s) == 6
     two = EpochBatchSampler(list(range(21)), 4, seed=0, num_processes=2)
-    assert two.window_sizes(1) == [8, 8, 5]
+    assert two.window_sizes() == [8, 8, 5]

@@ -106,9 +106,10 @@ def train_loop(run: Run) -> dict[str, float]:
     model.train()
     while state.epoch < cfg.train.epochs:
         sampler.select_epoch(state.epoch, start=state.batch_in_epoch)
-        window_sizes = sampler.window_sizes(accumulation)
+        window_sizes = sampler.window_sizes()
+        local_sizes = sampler.local_sizes()  # real examples per batch: a filler batch counts 0
         for batch in run.train_dataloader:
-            n = batch["labels"].shape[0]
+            n = local_sizes[state.batch_in_epoch]
             window = state.batch_in_epoch // accumulation
             with accelerator.accumulate(model):
                 loss = model(**batch).loss

@@ -112,7 +112,8 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
 
     sampler = EpochBatchSampler(tokenized["train"]["length"], config.train.batch_size, config.train.seed,
                                 group_by_length=config.data.group_by_length,
-                                num_processes=accelerator.num_processes, process_index=accelerator.process_index)
+                                num_processes=accelerator.num_processes, process_index=accelerator.process_index,
+                                accumulation_steps=config.train.gradient_accumulation_steps)
     train_dl = torch.utils.data.DataLoader(tokenized["train"], batch_sampler=sampler, collate_fn=collator)
     # Our sampler already shards across processes: Accelerate only places batches on the device
     # and tracks the end of the epoch for gradient accumulation.
