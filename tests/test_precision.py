@@ -1,7 +1,10 @@
+import logging
+
 import pytest
 import torch
 
-from tuneloop.precision import resolve_mixed_precision
+from tuneloop.config import Config, ConfigError
+from tuneloop.precision import reconcile_mixed_precision, resolve_mixed_precision
 
 
 def test_explicit_precision_is_kept():
@@ -37,3 +40,60 @@ def test_compiled_and_eager_models_give_the_same_loss():
         eager = model(**batch).loss
         compiled = torch.compile(model)(**batch).loss
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def accelerate_settings(monkeypatch):
+    """No Accelerate setting of this machine leaks in; tuneloop's warnings reach caplog."""
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr("tuneloop.precision.default_accelerate_config", lambda: None)
+    monkeypatch.setattr(logging.getLogger("tuneloop"), "propagate", True)  # the CLI sets False
+
+
+def test_config_precision_wins_and_a_disagreeing_accelerate_setting_is_named(accelerate_settings, monkeypatch, tmp_path,
+                                                                              caplog):
+    c = Config()
+    c.train.mixed_precision = "bf16"
+    with caplog.at_level(logging.WARNING):
+        assert reconcile_mixed_precision(c) == "bf16"
+        assert not caplog.records
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+        assert reconcile_mixed_precision(c) == "bf16" and not caplog.records
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+        assert reconcile_mixed_precision(c) == "bf16"
+    assert len(caplog.records) == 1
+    assert "ACCELERATE_MIXED_PRECISION" in caplog.text and "'fp16'" in caplog.text and "'bf16'" in caplog.text
+    caplog.clear()
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    file = tmp_path / "accelerate.yaml"
+    file.write_text("compute_environment: LOCAL_MACHINE\nmixed_precision: fp16\nnum_processes: 2\n")
+    c.launch.accelerate_config = str(file)
+    with caplog.at_level(logging.WARNING):
+        assert reconcile_mixed_precision(c) == "bf16"
+    assert f"accelerate config {file} says 'fp16' but train.mixed_precision is 'bf16'; using 'bf16'" in caplog.text
+    c.launch.accelerate_config = str(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="launch.accelerate_config: file not found"):
+        reconcile_mixed_precision(c)
+
+
+def test_the_default_accelerate_config_file_is_checked(accelerate_settings, monkeypatch, tmp_path, caplog):
+    file = tmp_path / "default_config.yaml"
+    file.write_text("mixed_precision: bf16\n")
+    monkeypatch.setattr("tuneloop.precision.default_accelerate_config", lambda: file)
+    with caplog.at_level(logging.WARNING):
+        assert reconcile_mixed_precision(Config()) == "no"
+    assert "says 'bf16' but train.mixed_precision is 'no'" in caplog.text
+
+
+def test_auto_is_resolved_before_it_is_compared(accelerate_settings, monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    c = Config()
+    c.train.mixed_precision = "auto"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    with caplog.at_level(logging.WARNING):
+        assert reconcile_mixed_precision(c) == "no" and not caplog.records
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+        assert reconcile_mixed_precision(c) == "no"
+    assert "says 'bf16' but train.mixed_precision is 'auto' (no here); using 'no'" in caplog.text

@@ -12,6 +12,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from tuneloop import launch
 from tuneloop.config import SECTIONS, Config, ConfigError, _suggest, field_paths, load_config, short_names
 from tuneloop.errors import TuneloopError
 
@@ -105,6 +106,12 @@ def quiet_libraries(debug: bool) -> None:
     transformers.utils.logging.disable_progress_bar()  # weight loading/saving bars; ours stays
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+    if not launch.is_main_process():  # in a job of several processes, process 0 speaks for all; errors still show
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        logging.getLogger().setLevel(logging.ERROR)
+        logging.getLogger("tuneloop").setLevel(logging.ERROR)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -114,8 +121,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
+    if launch.needs_launcher(config.launch):  # --num-processes: run this same command in every process
+        from tuneloop.recipe import check_output_dir
+
+        check_output_dir(config)  # fail once, here, rather than in every process
+        return launch.start(config, args.argv, debug=args.debug)
     results = train(config)
-    if results:
+    if results and launch.is_main_process():
         print(json.dumps(results, indent=2))
     return 0
 
@@ -127,6 +139,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("eval needs --model-dir (a folder written by tuneloop train, e.g. runs/mrpc/model)")
     config = parse_config(args)
     results = evaluate_model(config)
+    if not launch.is_main_process():  # under torchrun every process has the same, gathered results
+        return 0
     flat = results if len(results) > 1 else next(iter(results.values()))
     print(json.dumps(flat, indent=2))
     if "output.output_dir" in vars(args):
@@ -204,12 +218,14 @@ def main(argv: list[str] | None = None) -> int:
         # Underscores are accepted as well as dashes: --learning_rate == --learning-rate.
         argv = [_dashed(a) for a in argv]
         args = parser.parse_args(argv)
+        args.argv = argv  # a launcher runs the same command in each process
         quiet_libraries(debug)
         return COMMANDS[args.command](args)
     except TuneloopError as e:
         if debug:
             raise
-        print(f"tuneloop: error: {e}", file=sys.stderr)
+        launch.record_error(str(e))
+        print(f"tuneloop: error: {launch.error_prefix()}{e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("tuneloop: interrupted", file=sys.stderr)
@@ -218,5 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         first = str(e).splitlines()[0] if str(e) else ""
-        print(f"tuneloop: error: {type(e).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr)
+        message = f"{type(e).__name__}: {first}"
+        launch.record_error(message)
+        print(f"tuneloop: error: {launch.error_prefix()}{message} (run with --debug for the traceback)", file=sys.stderr)
         return 1

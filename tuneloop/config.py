@@ -97,6 +97,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class LaunchConfig:
+    num_processes: int | None = _f(None, "processes to start on this machine, one per GPU (null: one, or what torchrun / accelerate launch started)")
+    num_machines: int = _f(1, "machines taking part in the job (run the same command on each, with its --machine-rank)")
+    machine_rank: int = _f(0, "this machine's number, 0 to num_machines - 1; machine 0 hosts the rendezvous")
+    main_process_ip: str | None = _f(None, "address of machine 0 that every machine can reach (needed with several machines)")
+    main_process_port: int | None = _f(None, "free port on machine 0 (default 29500 with several machines; a free one is picked on one)")
+    timeout: int = _f(1800, "seconds a process waits for the others (to join, in a collective) before the job fails instead of hanging")
+    accelerate_config: str | None = _f(None, "an `accelerate config` file (FSDP, DeepSpeed): the job starts with `accelerate launch`; its precision is checked against train.mixed_precision")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -105,6 +116,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -338,3 +350,15 @@ def validate(config: Config) -> None:
         raise ConfigError(f"checkpoint.keep_last: must be at least 1, got {config.checkpoint.keep_last}")
     if e.eval_every < 0:
         raise ConfigError(f"eval.eval_every: must not be negative, got {e.eval_every}")
+    la = config.launch
+    for key, value in {"launch.num_processes": la.num_processes, "launch.num_machines": la.num_machines,
+                       "launch.timeout": la.timeout}.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if not 0 <= la.machine_rank < la.num_machines:
+        raise ConfigError(f"launch.machine_rank: must be in 0..{la.num_machines - 1} "
+                          f"(launch.num_machines is {la.num_machines}), got {la.machine_rank}")
+    if la.num_machines > 1 and not la.main_process_ip:
+        raise ConfigError("launch.main_process_ip: several machines need the address of machine 0 (--main-process-ip)")
+    if la.main_process_port is not None and not 0 < la.main_process_port < 65536:
+        raise ConfigError(f"launch.main_process_port: must be a port number (1-65535), got {la.main_process_port}")

@@ -20,10 +20,11 @@ from tuneloop.config import Config
 from tuneloop.data import Collator, RawData, load_raw, tokenize_splits
 from tuneloop.evaluate import evaluate
 from tuneloop.errors import DataError, TuneloopError
+from tuneloop.launch import accelerator_kwargs, check_processes, is_main_process
 from tuneloop.loop import Run, TrainingState, run_evaluation, train_loop
 from tuneloop.model import build_model, build_tokenizer, resolve_model_path, saved_label_names
 from tuneloop.optim import build_optimizer, build_scheduler, num_training_steps
-from tuneloop.precision import resolve_mixed_precision
+from tuneloop.precision import check_device_precision, reconcile_mixed_precision
 from tuneloop.signals import StopRequest
 from tuneloop.tracking import MetricsLog, plot_learning_curves
 
@@ -41,10 +42,13 @@ def make_accelerator(config: Config):
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         AcceleratorState._reset_state()
         GradientState._reset_state()
-    return Accelerator(mixed_precision=resolve_mixed_precision(config.train.mixed_precision),
-                       gradient_accumulation_steps=config.train.gradient_accumulation_steps,
-                       step_scheduler_with_optimizer=False,
-                       dynamo_backend="inductor" if config.train.compile else "no")
+    accelerator = Accelerator(mixed_precision=reconcile_mixed_precision(config, warn=is_main_process()),
+                              gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+                              step_scheduler_with_optimizer=False,
+                              dynamo_backend="inductor" if config.train.compile else "no", **accelerator_kwargs(config))
+    check_device_precision(accelerator.mixed_precision, accelerator.device.type, warn=accelerator.is_main_process)
+    check_processes(config, accelerator)
+    return accelerator
 
 
 def check_output_dir(config: Config) -> Path:
