@@ -52,3 +52,38 @@ def test_window_sizes_count_every_example_of_each_optimizer_step():
     assert [len(b) for b in s.local_plan()] == [4, 4, 4, 4, 4, 1] and len(s) == 6
     two = EpochBatchSampler(list(range(21)), 4, seed=0, num_processes=2)
     assert two.window_sizes() == [8, 8, 5]
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("processes, batch, accumulation", [(2, 4, 1), (2, 2, 2), (4, 1, 2), (1, 2, 4)])
+def test_each_optimizer_step_takes_the_same_examples_however_it_is_split(grouped, processes, batch, accumulation):
+    lengths = LENGTHS[:203]  # 203 = 25 x 8 + 3: a short last step
+    one = EpochBatchSampler(lengths, 8, seed=5, group_by_length=grouped)
+    shards = [EpochBatchSampler(lengths, batch, seed=5, group_by_length=grouped, num_processes=processes,
+                                process_index=p, accumulation_steps=accumulation) for p in range(processes)]
+    for s in (one, *shards):
+        s.select_epoch(1)
+    assert len({len(s) for s in shards}) == 1 and all(len(list(s)) == len(s) for s in shards)
+    steps = -(-len(shards[0]) // accumulation)
+    assert steps == len(one) == 26 and shards[0].window_sizes() == one.window_sizes()
+    for step, window in enumerate(one.local_plan()):
+        taken = []
+        for s in shards:
+            micro = slice(step * accumulation, (step + 1) * accumulation)
+            for b, n in zip(s.local_plan()[micro], s.local_sizes()[micro]):
+                assert len(b) == max(n, 1) and len(b) <= batch
+                taken += b[:n]
+        assert sorted(taken) == sorted(window)  # every example once, no padding duplicates
+
+
+def test_a_short_last_batch_gives_a_zero_weight_filler_to_processes_without_examples():
+    shards = [EpochBatchSampler(list(range(17)), 4, seed=0, num_processes=2, process_index=p) for p in range(2)]
+    assert [s.local_sizes() for s in shards] == [[4, 4, 1], [4, 4, 0]]
+    assert len(shards[1].local_plan()[-1]) == 1  # a real example, so the forward pass has a shape; weight 0
+    assert shards[0].window_sizes() == [8, 8, 1]
+
+
+def test_grouped_plan_keeps_the_short_batch_last():
+    for epoch in range(4):
+        plan = plan_epoch(LENGTHS, 8, seed=0, epoch=epoch, group_by_length=True)
+        assert [len(b) for b in plan[:-1]] == [8] * (len(plan) - 1) and len(plan[-1]) == len(LENGTHS) % 8
