@@ -37,8 +37,8 @@ def test_one_machine_uses_a_standalone_rendezvous_on_a_free_port():
 
 def test_several_machines_meet_at_machine_0_with_the_timeout():
     la = _launch(num_processes=8, num_machines=2, machine_rank=1, main_process_ip="10.0.0.1", timeout=60)
-    assert launch.torchrun_args(la) == ["--nproc_per_node", "8", "--nnodes", "2", "--node_rank", "1",
-                                        "--master_addr", "10.0.0.1", "--master_port", "29500", "--rdzv_conf", "timeout=60"]
+    assert launch.torchrun_args(la) == ["--nproc_per_node", "8", "--nnodes", "2", "--node_rank", "1", "--master_addr",
+                                        "10.0.0.1", "--master_port", "29500", "--rdzv_conf", "timeout=60"]
 
 
 def test_accelerate_launch_counts_processes_of_all_machines(tmp_path):
@@ -102,6 +102,13 @@ def test_processes_seen_must_be_the_ones_launched_and_configured(monkeypatch):
     c = Config()  # torchrun -m tuneloop: the counts come from the launcher
     launch.check_processes(c, _accelerator(4))
     assert (c.launch.num_processes, c.launch.num_machines) == (2, 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # mpirun: only the total is known
+    c = load_config(flags={"num_processes": 2, "num_machines": 2, "main_process_ip": "h"})
+    launch.check_processes(c, _accelerator(4))
+    assert (c.launch.num_processes, c.launch.num_machines) == (2, 2)
+    c.launch.num_processes = 3
+    with pytest.raises(TuneloopError, match="launcher started 4 process"):
+        launch.check_processes(c, _accelerator(4))
 
 
 def test_errors_name_the_process_and_are_left_for_the_launcher(monkeypatch, tmp_path, capsys):
@@ -116,7 +123,7 @@ def test_errors_name_the_process_and_are_left_for_the_launcher(monkeypatch, tmp_
 
 
 def _failure(exitcode, message=None, t=0.0):
-    data = {"message": message, "timestamp": int(t), "time": t} if message else {}
+    data = {"message": message, "timestamp": int(t), "time": t} if message else {"message": "<NONE>"}  # as torch
     return SimpleNamespace(exitcode=exitcode, error_file_data=data, timestamp=int(t) + 100)
 
 
@@ -124,3 +131,4 @@ def test_the_first_reported_failure_is_the_root_cause():
     failures = {0: _failure(-15), 1: _failure(1, "peer closed", t=12.5), 2: _failure(2, "bad data", t=12.1)}
     assert launch.first_failure(failures)[0] == 2
     assert launch.first_failure({0: _failure(-15), 1: _failure(1)})[0] == 1  # exited, not stopped by the launcher
+    assert launch.first_failure({0: _failure(1, t=1.0), 1: _failure(1, "bad data", t=5.0)})[0] == 1

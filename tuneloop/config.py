@@ -104,7 +104,7 @@ class LaunchConfig:
     main_process_ip: str | None = _f(None, "address of machine 0 that every machine can reach (needed with several machines)")
     main_process_port: int | None = _f(None, "free port on machine 0 (default 29500 with several machines; a free one is picked on one)")
     timeout: int = _f(1800, "seconds a process waits for the others (to join, in a collective) before the job fails instead of hanging")
-    accelerate_config: str | None = _f(None, "an `accelerate config` file (FSDP, DeepSpeed): the job starts with `accelerate launch`; its precision is checked against train.mixed_precision")
+    accelerate_config: str | None = _f(None, "an `accelerate config` file (FSDP, DeepSpeed): with --num-processes the job starts with `accelerate launch`; its precision is checked against train.mixed_precision")
 
 
 @dataclass

@@ -114,7 +114,7 @@ def start(config: Config, argv: list[str], debug: bool = False) -> int:
         run(parse_args(command[3:]))
     except ChildFailedError as e:
         rank, failure = first_failure(e.failures)
-        what = failure.message if failure.error_file_data.get("message") else (
+        what = failure.message if _reported(failure) else (
             f"stopped by {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}")
         raise LaunchError(f"process {rank} of {total_processes(launch)} failed: {what}",
                           failure.exitcode if failure.exitcode > 0 else 1) from None
@@ -135,12 +135,17 @@ def check_devices(launch: LaunchConfig) -> None:
                             f"{torch.cuda.device_count()} GPU(s); start one process per GPU")
 
 
+def _reported(failure) -> bool:
+    """Whether the process left its error (torch marks a missing error file '<NONE>')."""
+    data = failure.error_file_data
+    return isinstance(data, dict) and data.get("message") not in (None, "<NONE>")
+
+
 def first_failure(failures: dict[int, Any]) -> tuple[int, Any]:
     """The root cause: a process that reported an error, earliest first; not one the launcher stopped."""
     def key(item):
         rank, f = item
-        data = f.error_file_data if isinstance(f.error_file_data, dict) else {}
-        return (f.exitcode < 0, "message" not in data, data.get("time", f.timestamp), rank)
+        return (f.exitcode < 0, not _reported(f), f.error_file_data.get("time", f.timestamp), rank)
 
     return min(failures.items(), key=key)
 
@@ -178,7 +183,8 @@ def accelerator_kwargs(config: Config) -> dict[str, Any]:
     import torch
     from accelerate.utils import InitProcessGroupKwargs
 
-    kwargs: dict[str, Any] = {"kwargs_handlers": [InitProcessGroupKwargs(timeout=timedelta(seconds=config.launch.timeout))]}
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=config.launch.timeout))
+    kwargs: dict[str, Any] = {"kwargs_handlers": [timeout]}
     world = launched_world_size()
     if world and world > 1 and not torch.accelerator.is_available():
         # Without cpu=True, Accelerate leaves each CPU process of a torchrun job on its own: N separate
@@ -198,9 +204,16 @@ def check_processes(config: Config, accelerator) -> None:
         raise TuneloopError(f"launch.num_processes={launch.num_processes} x num_machines={launch.num_machines}: "
                             f"start the job with `tuneloop train --num-processes N`, torchrun or accelerate launch; "
                             f"the Python API runs in this process only")
-    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    machines = max(accelerator.num_processes // per_machine, 1)
-    if launch.num_processes is not None and (launch.num_processes, launch.num_machines) != (per_machine, machines):
+    n = accelerator.num_processes
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if local.isdigit():  # torchrun and accelerate launch say how many processes each machine runs
+        per_machine, machines = int(local), max(n // int(local), 1)
+        agrees = (launch.num_processes, launch.num_machines) == (per_machine, machines)
+    else:  # mpirun, DeepSpeed's pdsh: only the total is known
+        agrees = total_processes(launch) == n
+        given = agrees and launch.num_processes is not None
+        per_machine, machines = (launch.num_processes, launch.num_machines) if given else (n, 1)
+    if launch.num_processes is not None and not agrees:
         raise TuneloopError(f"launch.num_processes={launch.num_processes}, num_machines={launch.num_machines} but the "
                             f"launcher started {per_machine} process(es) on each of {machines} machine(s)")
     # The resolved counts are saved with the run's config: a checkpoint resumes with the same processes.
