@@ -9,6 +9,7 @@ set (41 examples, batches of 6 per process) is not a multiple of the global eval
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -83,10 +84,20 @@ def reference(tiny_model_dir, data, tmp_path_factory):
     return out
 
 
-def test_two_processes_train_like_one_with_the_same_global_batch(tiny_model_dir, data, reference, tmp_path):
-    out = tmp_path / "two"
-    proc = run(tuneloop(*train_args(tiny_model_dir, data, out, "--batch-size", "2", "--gradient-accumulation-steps",
-                                    "2", "--num-processes", "2")))
+TWO_PROCESSES = ("--batch-size", "2", "--gradient-accumulation-steps", "2", "--num-processes", "2")
+
+
+@pytest.fixture(scope="module")
+def two_processes(tiny_model_dir, data, tmp_path_factory):
+    """`tuneloop train --num-processes 2` with batch 2 and accumulation 2 (global batch 8), a checkpoint per step."""
+    out = tmp_path_factory.mktemp("dist-two") / "two"
+    proc = run(tuneloop(*train_args(tiny_model_dir, data, out, *TWO_PROCESSES, "--checkpoint-every", "1",
+                                    "--keep-last", "10")))
+    return out, proc
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(two_processes, reference):
+    out, proc = two_processes
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "WARNING" not in proc.stderr
 
@@ -110,6 +121,31 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_model_dir,
         assert b["num_examples"] == a["num_examples"] == 41
         assert (b["accuracy"], b["f1"]) == (a["accuracy"], a["f1"])
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def test_a_two_process_checkpoint_resumes_exactly_with_two_processes(tiny_model_dir, data, two_processes, tmp_path,
+                                                                     capsys):
+    finished, _ = two_processes
+    out = tmp_path / "resumed"
+    shutil.copytree(finished, out)
+    for name in ("model", "eval_results.json"):
+        shutil.rmtree(out / name) if name == "model" else (out / name).unlink()
+    # Step 2 ends mid-epoch, just before the window whose last micro-batch gives process 1 a filler batch.
+    checkpoint = out / "checkpoints" / "step-000002"
+    resume = ("--checkpoint-every", "1", "--keep-last", "10", "--resume", str(checkpoint))
+    one_process = train_args(tiny_model_dir, data, out, "--batch-size", "2", "--gradient-accumulation-steps", "2",
+                             *resume)
+    assert main(one_process) == 1
+    assert "number of processes 2 -> 1" in capsys.readouterr().err
+    proc = run(tuneloop(*train_args(tiny_model_dir, data, out, *TWO_PROCESSES, *resume)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stdout and "at optimizer step 2 (epoch 1, batch 4)" in proc.stdout
+    a = load_file(str(finished / "model" / "model.safetensors"))
+    b = load_file(str(out / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise
+    results = [json.loads((o / "eval_results.json").read_text()) for o in (finished, out)]
+    assert results[0] == results[1]
+    assert [r["step"] for r in records(out, "train")] == [1, 2, 3, 4, 5, 6]
 
 
 def test_evaluation_on_two_processes_equals_one_process_for_the_same_weights(reference, data, tmp_path):

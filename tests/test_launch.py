@@ -132,3 +132,17 @@ def test_the_first_reported_failure_is_the_root_cause():
     assert launch.first_failure(failures)[0] == 2
     assert launch.first_failure({0: _failure(-15), 1: _failure(1)})[0] == 1  # exited, not stopped by the launcher
     assert launch.first_failure({0: _failure(1, t=1.0), 1: _failure(1, "bad data", t=5.0)})[0] == 1
+
+
+def test_where_the_processes_meet_does_not_block_a_resume():
+    from tuneloop.checkpoint import _flatten, check_compatible
+
+    saved = load_config(flags={"num_processes": 2, "num_machines": 2, "main_process_ip": "10.0.0.1"})
+    here = load_config(flags={"num_processes": 2, "num_machines": 2, "machine_rank": 1, "main_process_ip": "10.0.0.7",
+                              "main_process_port": 29400, "timeout": 60})
+    record = {"data": "d", "tokenizer": "t", "num_processes": 4}
+    assert check_compatible({**record, "config": _flatten(saved.to_dict())},
+                            {**record, "config": _flatten(here.to_dict())}) == []
+    assert check_compatible({**record, "config": _flatten(saved.to_dict())},
+                            {**record, "num_processes": 2, "config": _flatten(here.to_dict())}) == [
+        "number of processes 4 -> 2"]

@@ -32,7 +32,10 @@ FINGERPRINT_FILE = "fingerprint.json"
 # Settings that may change between an interrupted run and its resume without breaking exactness.
 RESUME_SAFE = {"output.output_dir", "output.overwrite", "checkpoint.resume", "checkpoint.resume_force",
                "checkpoint.keep_last", "checkpoint.keep_best", "checkpoint.checkpoint_every",
-               "checkpoint.checkpoint_every_epoch", "train.log_every", "eval.eval_batch_size", "data.cache_dir"}
+               "checkpoint.checkpoint_every_epoch", "train.log_every", "eval.eval_batch_size", "data.cache_dir",
+               # Where and how the processes meet; their number is compared as num_processes.
+               "launch.num_processes", "launch.num_machines", "launch.machine_rank", "launch.main_process_ip",
+               "launch.main_process_port", "launch.timeout", "launch.accelerate_config"}
 
 
 def _sha256(path: Path) -> str:
