@@ -198,6 +198,27 @@ def test_a_failing_process_ends_the_job_with_its_error(tiny_model_dir, data, tmp
     assert "process 0 of 2: cannot write" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_process_dying_mid_training_ends_the_job(tiny_model_dir, data, tmp_path):
+    # Process 1 fails at its second optimizer step while process 0 is inside a collective with it.
+    script = tmp_path / "dies.py"
+    script.write_text("import os, sys\n"
+                      "import tuneloop.loop as loop\n"
+                      "from tuneloop.cli import main\n"
+                      "check = loop.check_step\n"
+                      "def failing(run, window_loss):\n"
+                      "    if os.environ['RANK'] == '1' and run.state.step == 1:\n"
+                      "        raise RuntimeError('process 1 broke')\n"
+                      "    return check(run, window_loss)\n"
+                      "loop.check_step = failing\n"
+                      "sys.exit(main())\n")
+    start = time.monotonic()
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                *train_args(tiny_model_dir, data, tmp_path / "out", "--batch-size", "4", "--timeout", "60")],
+               timeout=120)
+    assert proc.returncode != 0 and time.monotonic() - start < 60
+    assert "tuneloop: error: process 1 of 2: RuntimeError: process 1 broke" in proc.stderr
+
+
 def test_a_machine_left_alone_fails_after_the_timeout(tiny_model_dir, data, tmp_path):
     start = time.monotonic()
     proc = run(tuneloop(*train_args(tiny_model_dir, data, tmp_path / "alone"), "--num-processes", "1",
