@@ -1,0 +1,1 @@
+"""The tuneloop benchmark harness: `python benchmarks/bench.py` (see benchmarks/README.md)."""

@@ -1,0 +1,86 @@
+"""The benchmark's arithmetic: FLOPs, MFU, token counting, batch-plan replay and tuneloop timing."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench import tuneloop_train_seconds  # noqa: E402
+from benchmarks.flops import mfu, non_embedding_params, training_flops  # noqa: E402
+from benchmarks.tokens import TokenCounter, padded_length, plan_counts  # noqa: E402
+
+
+def test_non_embedding_params_of_a_small_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    L, H, I, V, P = 2, 32, 64, 100, 40
+    config = BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=2, intermediate_size=I,
+                        max_position_embeddings=P, type_vocab_size=2, num_labels=2)
+    model = BertForSequenceClassification(config)
+    per_layer = 4 * (H * H + H) + (H * I + I) + (I * H + H) + 2 * 2 * H  # q,k,v,o; FFN in, out; 2 LayerNorms
+    expected = 2 * H + L * per_layer + (H * H + H) + (H * 2 + 2)  # embedding LayerNorm, layers, pooler, classifier
+    assert non_embedding_params(model) == expected
+    assert sum(p.numel() for p in model.parameters()) - expected == (V + P + 2) * H
+
+
+def test_training_flops_and_mfu_for_a_known_config():
+    # MiniLM-L6 shape: 6 layers, hidden 384; 10 M non-embedding parameters; two examples of 50 and 30 tokens.
+    flops = training_flops(10_000_000, 6, 384, real_tokens=80, sum_sq_len=50 ** 2 + 30 ** 2)
+    assert flops == 6 * 10_000_000 * 80 + 12 * 6 * 384 * (2500 + 900)
+    assert mfu(flops, seconds=2.0, peak_flops_per_second=flops) == pytest.approx(0.5)
+
+
+def test_token_counter_counts_only_while_counting():
+    def collate(features):
+        n = max(len(f) for f in features)
+        return {"attention_mask": torch.tensor([[1] * len(f) + [0] * (n - len(f)) for f in features])}
+
+    counter = TokenCounter(collate)
+    counter([[1, 2, 3], [1]])
+    counter.counting = False
+    counter([[1, 2, 3, 4, 5]])
+    c = counter.counts
+    assert (c.samples, c.real_tokens, c.padded_tokens, c.sum_sq_len, c.batches) == (2, 4, 6, 10, 1)
+    assert c.padding_share == pytest.approx(1 / 3)
+
+
+def test_padded_length_follows_the_collator_options():
+    assert padded_length([3, 7]) == 7
+    assert padded_length([3, 7], pad_to_multiple_of=8) == 8
+    assert padded_length([3, 7], padding="max_length", max_length=128) == 128
+
+
+def test_plan_counts_replays_tuneloops_batch_plan():
+    from tuneloop.batching import plan_epoch
+
+    lengths = [5, 9, 2, 7, 3]
+    counts, step_samples = plan_counts(lengths, batch_size=2, seed=0, epochs=2, group_by_length=False)
+    assert step_samples == [2, 2, 1, 2, 2, 1]
+    assert counts.samples == 10 and counts.real_tokens == 2 * sum(lengths)
+    expected_padded = sum(len(b) * max(lengths[i] for i in b)
+                          for e in range(2) for b in plan_epoch(lengths, 2, 0, e, shuffle=True))
+    assert counts.padded_tokens == expected_padded
+    _, windows = plan_counts(lengths, batch_size=2, seed=0, epochs=1, group_by_length=False, accumulation=2)
+    assert windows == [4, 1]
+
+
+def test_tuneloop_train_seconds_removes_epoch_end_evaluation():
+    step_samples = [8] * 6  # 2 epochs of 3 steps, logged every 2 steps and at the last
+    records = [
+        {"type": "train", "step": 2, "samples_per_second": 16.0},  # 1 s
+        {"type": "eval", "step": 3},
+        {"type": "train", "step": 4, "samples_per_second": 4.0},  # 4 s, of which the evaluation is 3 s
+        {"type": "train", "step": 6, "samples_per_second": 16.0},  # 1 s
+        {"type": "eval", "step": 6},
+    ]
+    timing = tuneloop_train_seconds(records, step_samples)
+    assert timing["train_seconds_raw"] == pytest.approx(6.0)
+    assert timing["train_seconds"] == pytest.approx(3.0)
+    assert timing["eval_seconds_removed"] == pytest.approx(3.0)
+    with pytest.raises(ValueError):
+        tuneloop_train_seconds(records[:3], step_samples)
