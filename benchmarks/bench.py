@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))  # benchmarks.* and this checkout's tuneloop, not 
 
 from benchmarks.flops import matmul_peak, mfu, model_shape, training_flops  # noqa: E402
 from benchmarks.tokens import TokenCounts, plan_counts  # noqa: E402
+from tuneloop.precision import resolve_mixed_precision  # noqa: E402  ('auto' -> what the run used)
 
 DEFAULT_DATA_DIR = "../shared/data/glue/MRPC"  # relative to the repository root
 
@@ -44,8 +45,7 @@ SAME_AS_COURSE = ["--epochs", "3", "--batch-size", "8", "--learning-rate", "5e-5
                   "--warmup-ratio", "0", "--optim.lr_scheduler", "linear"]
 
 # (d) tuneloop's default recipe. The ONE place to change it.
-DEFAULT_RECIPE = ["--epochs", "3", "--batch-size", "32", "--learning-rate", "1e-4", "--warmup-ratio", "0.1",
-                  "--mixed-precision", "bf16", "--data.group_by_length", "true"]
+DEFAULT_RECIPE = ["--config", str(Path(__file__).resolve().parents[1] / "recipes" / "fast.yaml")]  # recipes/fast.yaml
 
 ROWS = {
     "a": "course loop (reference)",
@@ -185,8 +185,7 @@ def tuneloop_measurements(out_dir: Path, cache_dir: Path) -> dict[str, Any]:
         "counts": counts.as_dict(),
         "counts_how": "replayed from tuneloop.batching.plan_epoch on the run's cached tokenisation",
         "optimizer_steps": len(step_samples),
-        "precision": "bf16" if config.train.mixed_precision == "bf16" else
-                     "fp16" if config.train.mixed_precision == "fp16" else "fp32",
+        "precision": {"bf16": "bf16", "fp16": "fp16"}.get(resolve_mixed_precision(config.train.mixed_precision), "fp32"),
         "dev": {"accuracy": final["accuracy"], "f1": final["f1"], "num_examples": final.get("num_examples")},
         "hyperparameters": {"epochs": config.train.epochs, "batch_size": config.train.batch_size,
                             "learning_rate": config.optim.learning_rate, "weight_decay": config.optim.weight_decay,

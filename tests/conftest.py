@@ -56,4 +56,5 @@ def mrpc_slice(tmp_path) -> Path:
 
 def tiny_args(model_dir: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--model", str(model_dir), "--data-dir", str(data_dir), "--output-dir", str(out),
-            "--epochs", "1", "--batch-size", "8", "--learning-rate", "1e-3", "--log-every", "2", *extra]
+            "--epochs", "1", "--batch-size", "8", "--learning-rate", "1e-3", "--log-every", "2", "--mixed-precision", "no",
+            *extra]

@@ -23,7 +23,7 @@ from tuneloop.config import Config
 
 RUN_FLAGS = ["--max-train-samples", "48", "--max-eval-samples", "24", "--max-length", "48", "--epochs", "3",
              "--batch-size", "4", "--gradient-accumulation-steps", "2", "--learning-rate", "1e-3", "--log-every", "1",
-             "--checkpoint-every", "1", "--keep-last", "2"]
+             "--checkpoint-every", "1", "--keep-last", "2", "--mixed-precision", "no"]
 
 
 def _cmd(model_dir, out, *extra):

@@ -29,7 +29,7 @@ def test_train_eval_predict_and_pipeline_round_trip(trained, tmp_path, capsys):
 
     # Re-evaluating the saved model reproduces the run's final metrics.
     assert main(["eval", "--model-dir", str(out / "model"), "--task", "mrpc", "--data-dir", str(data_dir),
-                 "--output-dir", str(tmp_path / "ev")]) == 0
+                 "--mixed-precision", "no", "--output-dir", str(tmp_path / "ev")]) == 0
     again = json.loads((tmp_path / "ev" / "eval_results.json").read_text())
     assert again["accuracy"] == final["accuracy"] and again["f1"] == pytest.approx(final["f1"])
     assert again["loss"] == pytest.approx(final["loss"], rel=1e-5)

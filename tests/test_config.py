@@ -82,3 +82,13 @@ def test_every_short_flag_of_the_issue_exists(capsys):
         main(["train", "--help"])
     help_text = capsys.readouterr().out
     assert "--gradient-accumulation-steps" in help_text and "peak learning rate of AdamW" in help_text
+
+
+def test_every_shipped_recipe_is_a_valid_config():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    assert [p.name for p in recipes] == ["classic.yaml", "fast.yaml"]
+    for path in recipes:
+        load_config(path)
+    assert load_config(recipes[1]).train.batch_size == 32

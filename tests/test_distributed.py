@@ -42,7 +42,8 @@ def train_args(model_dir, data, out, *extra):
     data_dir, cache = data
     return ["train", "--model", str(model_dir), "--data-dir", str(data_dir), "--cache-dir", str(cache),
             "--output-dir", str(out), "--epochs", "2", "--learning-rate", "1e-3", "--log-every", "1",
-            "--max-train-samples", "17", "--max-length", "48", "--group-by-length", "--eval-batch-size", "6", *extra]
+            "--max-train-samples", "17", "--max-length", "48", "--group-by-length", "--eval-batch-size", "6",
+            "--mixed-precision", "no", *extra]
 
 
 def env():

@@ -80,8 +80,10 @@ def test_the_default_accelerate_config_file_is_checked(accelerate_settings, monk
     file = tmp_path / "default_config.yaml"
     file.write_text("mixed_precision: bf16\n")
     monkeypatch.setattr("tuneloop.precision.default_accelerate_config", lambda: file)
+    config = Config()
+    config.train.mixed_precision = "no"
     with caplog.at_level(logging.WARNING):
-        assert reconcile_mixed_precision(Config()) == "no"
+        assert reconcile_mixed_precision(config) == "no"
     assert "says 'bf16' but train.mixed_precision is 'no'" in caplog.text
 
 

@@ -20,6 +20,7 @@ def _config(model_dir, data_dir, out, **train):
     c.optim.learning_rate = 1e-3
     c.train.epochs = 2
     c.train.log_every = 1
+    c.train.mixed_precision = "no"  # fp32: the equivalence checks below are about the loop, not bf16 rounding
     for k, v in train.items():
         setattr(c.train, k, v)
     return c

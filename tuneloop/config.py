@@ -40,7 +40,7 @@ class DataConfig:
     max_eval_samples: int | None = _f(None, "use only the first N examples of each evaluation split")
     padding: Literal["longest", "max_length"] = _f("longest", "pad each batch to its longest sequence, or always to max_length")
     pad_to_multiple_of: int | None = _f(None, "round padded lengths up to a multiple of this (helps compilers, tensor cores)")
-    group_by_length: bool = _f(False, "batch examples of similar length together (less padding, same samples per epoch)")
+    group_by_length: bool = _f(True, "batch examples of similar length together (less padding, same samples per epoch)")
     cache_dir: str | None = _f(None, "where tokenised datasets are cached (default: $TUNELOOP_CACHE or ~/.cache/tuneloop)")
 
 
@@ -67,7 +67,7 @@ class TrainConfig:
     epochs: int = _f(3, "number of passes over the training data")
     batch_size: int = _f(8, "examples per device per micro-batch")
     gradient_accumulation_steps: int = _f(1, "micro-batches accumulated into one optimizer step")
-    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = _f("no", "autocast precision: no, bf16, fp16, or auto (bf16 where the CPU/GPU runs it fast, else fp32)")
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = _f("auto", "autocast precision: no, bf16, fp16, or auto (bf16 where the CPU/GPU runs it fast, else fp32)")
     compile: bool = _f(False, "torch.compile the model (pads to a multiple of 8 unless pad_to_multiple_of is set, to limit recompiles)")
     seed: int = _f(0, "seed for weights of new heads, dropout and data order")
     log_every: int = _f(10, "log loss and learning rate every N optimizer steps")
