@@ -42,6 +42,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_dropout_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny BERT with dropout 0.1, so that exactness checks also cover the dropout RNG."""
+    import json
+    import shutil
+
+    path = tmp_path_factory.mktemp("tiny-bert-dropout")
+    shutil.copytree(tiny_model_dir, path, dirs_exist_ok=True)
+    config = json.loads((path / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
 @pytest.fixture
 def mrpc_slice(tmp_path) -> Path:
     """A glue_data-style MRPC folder with the real files' first lines (BOM, header, quotes intact)."""

@@ -63,9 +63,9 @@ def _outcome(out: Path):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model_dir, tmp_path_factory):
+def reference(tiny_dropout_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
-    _run(tiny_model_dir, out)
+    _run(tiny_dropout_model_dir, out)
     return _outcome(out)
 
 
@@ -79,7 +79,8 @@ def _assert_same(out: Path, reference):
     assert losses == ref_losses
 
 
-def test_sigkill_twice_at_random_moments_then_resume_is_exact(tiny_model_dir, tmp_path, reference):
+def test_sigkill_twice_at_random_moments_then_resume_is_exact(tiny_dropout_model_dir, tmp_path, reference):
+    tiny_model_dir = tiny_dropout_model_dir  # dropout on: the RNG must be restored exactly too
     out = tmp_path / "run"
     rng = random.Random(os.getpid())
     proc = _start(tiny_model_dir, out)
@@ -111,7 +112,8 @@ sys.exit(main(sys.argv[1:-1]))
 """
 
 
-def test_kill_during_a_checkpoint_write_falls_back_to_the_previous_one(tiny_model_dir, tmp_path, reference):
+def test_kill_during_a_checkpoint_write_falls_back_to_the_previous_one(tiny_dropout_model_dir, tmp_path, reference):
+    tiny_model_dir = tiny_dropout_model_dir
     out, marker = tmp_path / "run", tmp_path / "marker"
     cmd = _cmd(tiny_model_dir, out)
     proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, *cmd[3:], str(marker)],
@@ -131,7 +133,8 @@ def test_kill_during_a_checkpoint_write_falls_back_to_the_previous_one(tiny_mode
     assert not (out / "checkpoints" / ".tmp-step-000003").exists()
 
 
-def test_sigterm_checkpoints_and_exits_with_a_distinct_code(tiny_model_dir, tmp_path, reference):
+def test_sigterm_checkpoints_and_exits_with_a_distinct_code(tiny_dropout_model_dir, tmp_path, reference):
+    tiny_model_dir = tiny_dropout_model_dir
     out = tmp_path / "run"
     proc = _start(tiny_model_dir, out, "--checkpoint-every", "0", "--checkpoint.checkpoint_every_epoch", "false")
     deadline = time.time() + 120

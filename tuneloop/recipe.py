@@ -88,7 +88,8 @@ def eval_dataloader(dataset, collator, batch_size: int, sort_by_length: bool = T
     """Evaluation batches, longest first: padding shrinks and metrics do not depend on order."""
     lengths = dataset["length"]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort_by_length else None
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, collate_fn=collator)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, collate_fn=collator,
+                                       generator=torch.Generator())  # see `setup`: keep the global RNG untouched
 
 
 def load_data(config: Config, tokenizer, accelerator, label_names=None, need_train=True) -> tuple[RawData, dict]:
@@ -118,7 +119,10 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
                                 group_by_length=config.data.group_by_length,
                                 num_processes=accelerator.num_processes, process_index=accelerator.process_index,
                                 accumulation_steps=config.train.gradient_accumulation_steps)
-    train_dl = torch.utils.data.DataLoader(tokenized["train"], batch_sampler=sampler, collate_fn=collator)
+    # Each DataLoader iterator draws a seed from its generator; with the default (global) one, every
+    # epoch start and every evaluation would shift the dropout RNG, so a resumed run would diverge.
+    train_dl = torch.utils.data.DataLoader(tokenized["train"], batch_sampler=sampler, collate_fn=collator,
+                                           generator=torch.Generator())
     # Our sampler already shards across processes: Accelerate only places batches on the device
     # and tracks the end of the epoch for gradient accumulation.
     train_dl = prepare_data_loader(train_dl, device=accelerator.device, num_processes=1, process_index=0,
