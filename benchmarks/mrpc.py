@@ -7,6 +7,7 @@ are read with quoting off. Columns match the Hub's: sentence1, sentence2, label 
 
 from __future__ import annotations
 
+import argparse
 import csv
 from pathlib import Path
 
@@ -31,3 +32,15 @@ def load_mrpc(data_dir: str | Path, max_train_samples: int | None = None):
     validation = read_split(data_dir / "dev.tsv")
     return DatasetDict({"train": Dataset.from_pandas(train, preserve_index=False),
                         "validation": Dataset.from_pandas(validation, preserve_index=False)})
+
+
+def reference_parser(description: str) -> argparse.ArgumentParser:
+    """The options the two reference scripts (course loop, HF Trainer) share with bench.py's rows."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1] / ".." / "shared/data/glue/MRPC"))
+    parser.add_argument("--model", default=None, help="checkpoint (default: the bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--max-train-samples", type=int, default=None, help="keep the first N training rows")
+    parser.add_argument("--results", required=True, help="JSON file for this run's measurements")
+    return parser

@@ -143,9 +143,8 @@ def train_loop(run: Run) -> dict[str, float]:
             progress.update(1)
             state.samples_seen += int(window_sizes[window])
             if state.step % cfg.train.log_every == 0 or state.step == run.num_training_steps:
-                total = accelerator.reduce(torch.stack([loss_sum, torch.tensor(float(loss_count), device=loss_sum.device,
-                                                                               dtype=torch.float64)]), "sum")
-                train_loss = (total[0] / total[1]).item() if total[1] > 0 else math.nan
+                total_loss, total_count = pending_loss(accelerator, loss_sum, loss_count)
+                train_loss = total_loss / total_count if total_count > 0 else math.nan
                 loss_sum.zero_()
                 loss_count = 0
                 now, lr = time.perf_counter(), scheduler.get_last_lr()[0]
