@@ -46,7 +46,7 @@ SAME_AS_COURSE = ["--epochs", "3", "--batch-size", "8", "--learning-rate", "5e-5
                   "--warmup-ratio", "0", "--optim.lr_scheduler", "linear"]
 
 # (d) tuneloop's default recipe. The ONE place to change it.
-DEFAULT_RECIPE = ["--config", str(Path(__file__).resolve().parents[1] / "recipes" / "fast.yaml")]  # recipes/fast.yaml
+DEFAULT_RECIPE = ["--config", "fast"]  # tuneloop/recipes/fast.yaml
 
 ROWS = {
     "a": "course loop (reference)",

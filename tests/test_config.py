@@ -84,11 +84,17 @@ def test_every_short_flag_of_the_issue_exists(capsys):
     assert "--gradient-accumulation-steps" in help_text and "peak learning rate of AdamW" in help_text
 
 
-def test_every_shipped_recipe_is_a_valid_config():
-    from pathlib import Path
+def test_every_shipped_recipe_is_a_valid_config_and_loads_by_name():
+    from tuneloop.config import RECIPES_DIR, recipe_names
 
-    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
-    assert [p.name for p in recipes] == ["classic.yaml", "fast.yaml"]
-    for path in recipes:
-        load_config(path)
-    assert load_config(recipes[1]).train.batch_size == 32
+    assert recipe_names() == ["classic", "fast"]
+    for name in recipe_names():
+        assert load_config(name) == load_config(RECIPES_DIR / f"{name}.yaml")
+    assert load_config("fast").train.batch_size == 32
+    assert load_config("classic") == load_config(None)  # the classic recipe is exactly the defaults
+    assert load_config("fast", {"batch_size": "16"}).train.batch_size == 16  # flags still override a recipe
+
+
+def test_unknown_recipe_name_lists_the_built_in_ones():
+    with pytest.raises(ConfigError, match=r"built-in recipes: classic, fast.*did you mean 'fast'"):
+        load_config("fsat")

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{train,eval,predict,data}", parser_class=Parser)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", metavar="FILE", help="YAML file with config sections; flags override it")
+        p.add_argument("--config", metavar="FILE", help="YAML file with config sections, or a built-in recipe name (classic, fast); flags override it")
         p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
     train = sub.add_parser("train", help="fine-tune a model and evaluate it", allow_abbrev=False)

@@ -254,10 +254,28 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A YAML file, or the name of a recipe shipped with tuneloop (`--config fast`)."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+    if p.is_file():
+        return p
+    if p.suffix == "" and len(p.parts) == 1:
+        if (RECIPES_DIR / f"{p.name}.yaml").is_file():
+            return RECIPES_DIR / f"{p.name}.yaml"
+        raise ConfigError(f"config file not found: {p} (built-in recipes: {', '.join(recipe_names())})"
+                          f"{_suggest(p.name, recipe_names())}")
+    raise ConfigError(f"config file not found: {p}")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = resolve_config_path(path)
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

@@ -7,6 +7,7 @@ that must survive a restart lives in `TrainingState`.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -93,8 +94,10 @@ def train_loop(run: Run) -> dict[str, float]:
     optimizer, scheduler, sampler = run.optimizer, run.scheduler, run.train_sampler
     accumulation = cfg.train.gradient_accumulation_steps
     processes = accelerator.num_processes
+    # Redirected to a file (nohup, a cluster job), redrawing every 0.1 s would flood the log: every 30 s there.
     progress = tqdm(total=run.num_training_steps, initial=state.step, desc="train", unit="step",
-                    disable=not accelerator.is_main_process, dynamic_ncols=True)
+                    disable=not accelerator.is_main_process, dynamic_ncols=True,
+                    mininterval=0.1 if sys.stderr.isatty() else 30)
     # Loss since the last log line stays on the device: no host sync except on logging steps.
     # (A resumed run starts from the sums saved with the checkpoint, so its log lines match.)
     pending = state.pending_loss if accelerator.is_main_process else (0.0, 0.0)
