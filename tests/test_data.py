@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -175,3 +176,50 @@ def test_task_registry_is_complete():
     assert set(TASKS) == {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"}
     assert TASKS["stsb"].is_regression and TASKS["mnli"].num_labels == 3
     assert TASKS["qqp"].metrics == ("accuracy", "f1") and TASKS["rte"].metrics == ("accuracy",)
+
+
+def _fill_hub_cache(cache: Path, rows: int = 24) -> None:
+    """Write `nyu-mll/glue` (mrpc) into a Hugging Face datasets cache exactly as a download leaves it:
+    `<cache>/nyu-mll___glue/mrpc/0.0.0/<hash>/glue-<split>.arrow` + dataset_info.json."""
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    raw = load_raw(DataConfig(task="mrpc", data_dir=str(MRPC), max_train_samples=rows, max_eval_samples=rows))
+    src = cache / "src"
+    src.mkdir(parents=True)
+    files = {}
+    for ours, hub in (("train", "train"), ("validation", "validation"), ("test", "test")):
+        df = raw.splits[ours].head(rows)
+        label = df["label"] if "label" in df else [-1] * len(df)  # the Hub marks unlabeled test rows with -1
+        files[hub] = str(src / f"{hub}.parquet")
+        pd.DataFrame({"sentence1": df["text"], "sentence2": df["text_pair"], "label": label,
+                      "idx": range(len(df))}).to_parquet(files[hub])
+    builder = Parquet(cache_dir=str(cache), dataset_name="glue", config_name="mrpc", data_files=files)
+    builder.download_and_prepare()
+    built = Path(builder.cache_dir)  # <cache>/glue/mrpc-<hash>/0.0.0: move it to the Hub dataset's layout
+    target = cache / "nyu-mll___glue" / "mrpc" / "0.0.0" / built.parent.name.split("-")[-1]
+    target.parent.mkdir(parents=True)
+    built.rename(target)
+
+
+def test_hub_glue_offline_uses_the_local_hf_cache(tmp_path, monkeypatch, tiny_model_dir):
+    import datasets
+
+    from conftest import tiny_args
+    from tuneloop.cli import main
+
+    _fill_hub_cache(tmp_path / "hf")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
+    # A user who is simply offline (no HF_HUB_OFFLINE set): the probe fails fast, datasets goes to its cache.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("tuneloop.data._hub_reachable", lambda timeout=3.0: False)
+    raw = load_raw(DataConfig(task="mrpc"))  # no --data-dir: the Hub source
+    assert {k: len(v) for k, v in raw.splits.items()} == {"train": 24, "validation": 24, "test": 24}
+    expected = load_raw(DataConfig(task="mrpc", data_dir=str(MRPC), max_train_samples=24)).splits["train"]
+    assert raw.splits["train"]["text"].tolist() == expected["text"].tolist()
+    assert raw.splits["train"]["label"].tolist() == expected["label"].tolist()
+    assert "label" not in raw.splits["test"].columns
+    assert datasets.config.HF_HUB_OFFLINE is False  # the offline switch was only for that load
+    # The main job, with no local data flags, trains from that cache.
+    args = [a for a in tiny_args(tiny_model_dir, MRPC, tmp_path / "run") if a not in ("--data-dir", str(MRPC))]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "run" / "eval_results.json").read_text())["num_examples"] == 24
