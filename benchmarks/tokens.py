@@ -56,7 +56,9 @@ class TokenCounter:
 def padded_length(lengths: Sequence[int], padding: str = "longest", max_length: int = 128,
                   pad_to_multiple_of: int | None = None) -> int:
     """The length `DataCollatorWithPadding` pads a batch to (tuneloop's `data.padding` options)."""
-    n = max_length if padding == "max_length" else max(lengths)
+    if padding == "max_length":
+        return max_length
+    n = max(lengths)
     if pad_to_multiple_of:
         n = math.ceil(n / pad_to_multiple_of) * pad_to_multiple_of
     return n

@@ -166,8 +166,9 @@ def test_collator_pads_dynamically_and_to_multiple(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     feats = [{"input_ids": [101, 7, 102], "attention_mask": [1, 1, 1], "labels": 0, "length": 3},
              {"input_ids": [101, 7, 8, 9, 102], "attention_mask": [1] * 5, "labels": 1, "length": 5}]
-    assert Collator(tok, DataConfig())(feats)["input_ids"].shape == (2, 5)
-    assert Collator(tok, DataConfig(pad_to_multiple_of=8))(feats)["input_ids"].shape == (2, 8)
+    assert Collator(tok, DataConfig(pad_to_multiple_of=None))(feats)["input_ids"].shape == (2, 5)
+    assert Collator(tok, DataConfig())(feats)["input_ids"].shape == (2, 8)  # default: round up to a multiple of 8
+    assert Collator(tok, DataConfig(pad_to_multiple_of=4))(feats)["input_ids"].shape == (2, 8)
     batch = Collator(tok, DataConfig(padding="max_length", max_length=12))(feats)
     assert batch["input_ids"].shape == (2, 12) and "length" not in batch
 

@@ -400,10 +400,10 @@ class Collator:
     def __init__(self, tokenizer, cfg: DataConfig, pad_to_multiple_of: int | None = None):
         from transformers import DataCollatorWithPadding
 
-        padding = "max_length" if cfg.padding == "max_length" else "longest"
-        self.inner = DataCollatorWithPadding(tokenizer, padding=padding, max_length=cfg.max_length,
-                                             pad_to_multiple_of=cfg.pad_to_multiple_of or pad_to_multiple_of,
-                                             return_tensors="pt")
+        fixed = cfg.padding == "max_length"  # exactly max_length, as asked: no rounding beyond it
+        self.inner = DataCollatorWithPadding(tokenizer, padding="max_length" if fixed else "longest",
+                                             max_length=cfg.max_length, return_tensors="pt",
+                                             pad_to_multiple_of=None if fixed else cfg.pad_to_multiple_of or pad_to_multiple_of)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         return self.inner([{k: v for k, v in f.items() if k != "length"} for f in features])
