@@ -98,3 +98,9 @@ def test_every_shipped_recipe_is_a_valid_config_and_loads_by_name():
 def test_unknown_recipe_name_lists_the_built_in_ones():
     with pytest.raises(ConfigError, match=r"built-in recipes: classic, fast.*did you mean 'fast'"):
         load_config("fsat")
+
+
+def test_attention_dropout_must_be_a_probability():
+    assert load_config(None, {"model.attention_dropout": "0"}).model.attention_dropout == 0.0
+    with pytest.raises(ConfigError, match=r"model.attention_dropout: must be in \[0, 1\) or null, got 1.0"):
+        load_config(None, {"model.attention_dropout": "1"})

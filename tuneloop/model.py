@@ -46,7 +46,26 @@ def build_tokenizer(name_or_path: str | None):
         raise _load_error(name, e) from None
 
 
-def build_model(name_or_path: str | None, label_names: list[str] | None, attn_implementation: str | None = "sdpa"):
+# What architectures call the dropout on attention probabilities (BERT family; DistilBERT, ModernBERT, LLMs).
+ATTENTION_DROPOUT_NAMES = ("attention_probs_dropout_prob", "attention_dropout")
+
+
+def attention_dropout_override(name: str, value: float) -> dict[str, float]:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception as e:
+        raise _load_error(name, e) from None
+    found = {attr: value for attr in ATTENTION_DROPOUT_NAMES if hasattr(config, attr)}
+    if not found:
+        raise TuneloopError(f"model.attention_dropout: {type(config).__name__} has no attention dropout setting "
+                            f"(looked for {', '.join(ATTENTION_DROPOUT_NAMES)}); leave it null for this model")
+    return found
+
+
+def build_model(name_or_path: str | None, label_names: list[str] | None, attn_implementation: str | None = "sdpa",
+                attention_dropout: float | None = None):
     """A sequence classifier with `num_labels`, label names and problem type set, ready for `pipeline`."""
     from transformers import AutoModelForSequenceClassification
 
@@ -56,6 +75,8 @@ def build_model(name_or_path: str | None, label_names: list[str] | None, attn_im
     else:
         kwargs = dict(num_labels=len(label_names), problem_type="single_label_classification",
                       id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+    if attention_dropout is not None:
+        kwargs.update(attention_dropout_override(name, attention_dropout))
     try:
         try:
             return AutoModelForSequenceClassification.from_pretrained(name, attn_implementation=attn_implementation, **kwargs)
