@@ -188,12 +188,11 @@ def _fill_hub_cache(cache: Path, rows: int = 24) -> None:
     src = cache / "src"
     src.mkdir(parents=True)
     files = {}
-    for ours, hub in (("train", "train"), ("validation", "validation"), ("test", "test")):
-        df = raw.splits[ours].head(rows)
+    for split, df in raw.splits.items():  # our split names are the Hub's; load_raw already kept `rows` of each
         label = df["label"] if "label" in df else [-1] * len(df)  # the Hub marks unlabeled test rows with -1
-        files[hub] = str(src / f"{hub}.parquet")
+        files[split] = str(src / f"{split}.parquet")
         pd.DataFrame({"sentence1": df["text"], "sentence2": df["text_pair"], "label": label,
-                      "idx": range(len(df))}).to_parquet(files[hub])
+                      "idx": range(len(df))}).to_parquet(files[split])
     builder = Parquet(cache_dir=str(cache), dataset_name="glue", config_name="mrpc", data_files=files)
     builder.download_and_prepare()
     built = Path(builder.cache_dir)  # <cache>/glue/mrpc-<hash>/0.0.0: move it to the Hub dataset's layout
