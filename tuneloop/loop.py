@@ -155,7 +155,7 @@ def train_loop(run: Run) -> dict[str, float]:
                          "loss": train_loss, "lr": lr, "skipped_steps": state.skipped_steps,
                          "samples_per_second": (state.samples_seen - last_log_samples) / max(now - last_log_time, 1e-9)})
                 last_log_time, last_log_samples = now, state.samples_seen
-                progress.set_postfix(epoch=state.epoch + 1, loss=f"{train_loss:.4f}", lr=f"{lr:.2e}")
+                progress.set_postfix(epoch=state.epoch + 1, loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             metric = None
             if cfg.eval.eval_every and state.step % cfg.eval.eval_every == 0 and run.eval_dataloaders:
                 results = run_evaluation(run)
