@@ -36,6 +36,7 @@ def test_null_flag_and_booleans():
     ({"optim": {"warmup_ratio": 1.5}}, "warmup longer than training"),
     ({"train": {"mixed_precision": "bf61"}}, "train.mixed_precision: 'bf61' is not one of no, bf16, fp16"),
     ({"optim": {"lr_scheduler": "cosnie"}}, "did you mean 'cosine'?"),
+    ({"model": {"attn_implementation": "laen"}}, "model.attn_implementation: unknown attention 'laen' (did you mean 'lean'?)"),
 ])
 def test_invalid_config_names_the_key(raw, message):
     with pytest.raises(ConfigError) as e:

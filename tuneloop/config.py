@@ -54,6 +54,9 @@ class ModelConfig:
     # because attention with dropout keeps every batch x heads x length x length probability for backward.
     attention_dropout: float | None = _f(None, "override the checkpoint's dropout on attention probabilities "
                                                "(null: keep it; 0 saves much memory on long batches)")
+    attn_implementation: str = _f("sdpa", "attention kernel: sdpa (PyTorch's fused attention), eager, lean (keeps "
+                                          "probabilities in bf16: less memory with attention dropout on CPU), or any "
+                                          "name transformers knows (flash_attention_2, ...)")
 
 
 @dataclass
@@ -367,6 +370,12 @@ def validate(config: Config) -> None:
     dropout = config.model.attention_dropout
     if dropout is not None and not 0 <= dropout < 1:
         raise ConfigError(f"model.attention_dropout: must be in [0, 1) or null, got {dropout}")
+    from transformers import AttentionInterface
+
+    kernels = ["sdpa", "eager", "lean", *(k for k in AttentionInterface._global_mapping if k != "sdpa")]
+    if config.model.attn_implementation not in kernels:
+        raise ConfigError(f"model.attn_implementation: unknown attention '{config.model.attn_implementation}'"
+                          f"{_suggest(config.model.attn_implementation, kernels)}; one of {', '.join(kernels)}")
     from transformers.trainer_utils import SchedulerType
 
     schedules = [s.value for s in SchedulerType]

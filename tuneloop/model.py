@@ -64,12 +64,50 @@ def attention_dropout_override(name: str, value: float) -> dict[str, float]:
     return found
 
 
+def lean_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention that keeps its probabilities in the compute dtype (bf16 under autocast).
+
+    Measured on CPU (MiniLM, bf16 autocast, batch 32 x 104 tokens, attention dropout 0.1): SDPA has no fused
+    dropout kernel there and falls back to fp32 math, saving ~12 bytes per attention score for backward;
+    eager attention saves fp32 softmax output too. Here softmax runs outside autocast on the bf16 scores
+    (PyTorch computes it in fp32 internally and rounds once, exactly like eager's `.to(bf16)`), so backward
+    keeps bf16 probabilities, the dropout mask and the dropped bf16 probabilities: peak RSS of one
+    forward/backward 1210 MB vs SDPA's 1501 MB, at SDPA's speed. In fp32 it computes what eager computes.
+    """
+    import torch
+
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:  # boolean, True = attend (transformers' SDPA mask format)
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    with torch.autocast(query.device.type, enabled=False):
+        probs = torch.softmax(scores, dim=-1)
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+# model.attn_implementation "lean" is registered with transformers under this name, with SDPA's mask format.
+LEAN_ATTENTION = "tuneloop_lean"
+
+
+def _register_lean_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(LEAN_ATTENTION, lean_attention_forward)
+    AttentionMaskInterface.register(LEAN_ATTENTION, sdpa_mask)
+
+
 def build_model(name_or_path: str | None, label_names: list[str] | None, attn_implementation: str | None = "sdpa",
                 attention_dropout: float | None = None):
     """A sequence classifier with `num_labels`, label names and problem type set, ready for `pipeline`."""
     from transformers import AutoModelForSequenceClassification
 
     name = resolve_model_path(name_or_path)
+    if attn_implementation == "lean":
+        _register_lean_attention()
+        attn_implementation = LEAN_ATTENTION
     if label_names is None:
         kwargs = dict(num_labels=1, problem_type="regression", id2label={0: "score"}, label2id={"score": 0})
     else:
@@ -80,7 +118,9 @@ def build_model(name_or_path: str | None, label_names: list[str] | None, attn_im
     try:
         try:
             return AutoModelForSequenceClassification.from_pretrained(name, attn_implementation=attn_implementation, **kwargs)
-        except (ValueError, ImportError):  # an architecture without SDPA support
+        except (ValueError, ImportError):  # an architecture without support for the requested attention
+            if attn_implementation != "sdpa":
+                raise
             return AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
     except Exception as e:
         raise _load_error(name, e) from None

@@ -113,7 +113,8 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     # A compiled model recompiles per new input shape: rounding lengths to a multiple of 8 bounds that.
     collator = Collator(tokenizer, config.data, pad_to_multiple_of=8 if config.train.compile else None)
     # The classifier head is initialised from the seed set above, so runs are reproducible.
-    model = build_model(config.model.name_or_path, raw.label_names, attention_dropout=config.model.attention_dropout)
+    model = build_model(config.model.name_or_path, raw.label_names, config.model.attn_implementation,
+                        attention_dropout=config.model.attention_dropout)
 
     sampler = EpochBatchSampler(tokenized["train"]["length"], config.train.batch_size, config.train.seed,
                                 group_by_length=config.data.group_by_length,
