@@ -106,3 +106,11 @@ def test_lean_attention_is_not_saved_into_the_model(tiny_model_dir, tmp_path):
     assert "tuneloop_lean" not in (tmp_path / "saved" / "config.json").read_text()
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved")
     assert reloaded.config._attn_implementation == "sdpa"
+
+
+def test_auto_attention_is_lean_on_cpu_and_sdpa_elsewhere():
+    from tuneloop.model import resolve_attention
+
+    assert resolve_attention("auto", "cpu") == "lean"
+    assert resolve_attention("auto", "cuda") == "sdpa"
+    assert resolve_attention("eager", "cpu") == "eager"

@@ -55,8 +55,8 @@ class ModelConfig:
     attention_dropout: float | None = _f(None, "override the checkpoint's dropout on attention probabilities "
                                                "(null: keep it; 0 saves much memory on long batches)")
     attn_implementation: str = _f("sdpa", "attention kernel: sdpa (PyTorch's fused attention), eager, lean (keeps "
-                                          "probabilities in bf16: less memory with attention dropout on CPU), or any "
-                                          "name transformers knows (flash_attention_2, ...)")
+                                          "probabilities in bf16: less memory and faster on CPU), auto (lean on CPU, "
+                                          "sdpa elsewhere), or any name transformers knows (flash_attention_2, ...)")
 
 
 @dataclass
@@ -78,6 +78,8 @@ class TrainConfig:
     batch_size: int = _f(8, "examples per device per micro-batch")
     gradient_accumulation_steps: int = _f(1, "micro-batches accumulated into one optimizer step")
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = _f("auto", "autocast precision: no, bf16, fp16, or auto (bf16 where the CPU/GPU runs it fast, else fp32)")
+    gradient_checkpointing: bool = _f(False, "recompute each layer's activations in backward instead of keeping "
+                                             "them (less memory, one more forward per step)")
     compile: bool = _f(False, "torch.compile the model (pads to a multiple of 8 unless pad_to_multiple_of is set, to limit recompiles)")
     seed: int = _f(0, "seed for weights of new heads, dropout and data order")
     log_every: int = _f(10, "log loss and learning rate every N optimizer steps")
@@ -372,7 +374,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.attention_dropout: must be in [0, 1) or null, got {dropout}")
     from transformers import AttentionInterface
 
-    kernels = ["sdpa", "eager", "lean", *(k for k in AttentionInterface._global_mapping if k != "sdpa")]
+    kernels = ["sdpa", "eager", "lean", "auto", *(k for k in AttentionInterface._global_mapping if k not in ("sdpa", "tuneloop_lean"))]
     if config.model.attn_implementation not in kernels:
         raise ConfigError(f"model.attn_implementation: unknown attention '{config.model.attn_implementation}'"
                           f"{_suggest(config.model.attn_implementation, kernels)}; one of {', '.join(kernels)}")

@@ -91,6 +91,15 @@ def lean_attention_forward(module, query, key, value, attention_mask, scaling=No
 LEAN_ATTENTION = "tuneloop_lean"
 
 
+def resolve_attention(name: str, device_type: str) -> str:
+    """`auto`: lean on CPU, where SDPA falls back to fp32 math with attention dropout and its bf16 flash
+    kernel is slower than lean (measured 1.0-1.5 s vs 0.84-0.92 s per MiniLM step at 32 x 104 tokens);
+    SDPA elsewhere, whose GPU kernels fuse dropout and never store the probabilities."""
+    if name == "auto":
+        return "lean" if device_type == "cpu" else "sdpa"
+    return name
+
+
 def _register_lean_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask

@@ -22,7 +22,7 @@ from tuneloop.evaluate import evaluate
 from tuneloop.errors import DataError, TuneloopError
 from tuneloop.launch import accelerator_kwargs, check_processes, is_main_process
 from tuneloop.loop import Run, TrainingState, run_evaluation, train_loop
-from tuneloop.model import build_model, build_tokenizer, resolve_model_path, saved_label_names
+from tuneloop.model import build_model, build_tokenizer, resolve_attention, resolve_model_path, saved_label_names
 from tuneloop.optim import build_optimizer, build_scheduler, num_training_steps
 from tuneloop.precision import check_device_precision, reconcile_mixed_precision
 from tuneloop.signals import StopRequest
@@ -113,8 +113,12 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     # A compiled model recompiles per new input shape: rounding lengths to a multiple of 8 bounds that.
     collator = Collator(tokenizer, config.data, pad_to_multiple_of=8 if config.train.compile else None)
     # The classifier head is initialised from the seed set above, so runs are reproducible.
-    model = build_model(config.model.name_or_path, raw.label_names, config.model.attn_implementation,
+    model = build_model(config.model.name_or_path, raw.label_names,
+                        resolve_attention(config.model.attn_implementation, accelerator.device.type),
                         attention_dropout=config.model.attention_dropout)
+    if config.train.gradient_checkpointing:
+        # Non-reentrant checkpointing replays the saved RNG state, so recomputed dropout masks are the same.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     sampler = EpochBatchSampler(tokenized["train"]["length"], config.train.batch_size, config.train.seed,
                                 group_by_length=config.data.group_by_length,
