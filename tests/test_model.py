@@ -114,3 +114,38 @@ def test_auto_attention_is_lean_on_cpu_and_sdpa_elsewhere():
     assert resolve_attention("auto", "cpu") == "lean"
     assert resolve_attention("auto", "cuda") == "sdpa"
     assert resolve_attention("eager", "cpu") == "eager"
+
+
+def test_fast_dropout_keeps_1_minus_p_and_rescales():
+    from tuneloop.model import fast_dropout
+
+    x = torch.ones(1000, 1000)
+    torch.manual_seed(0)
+    y = fast_dropout(x, 0.1)
+    kept = y != 0
+    # 1e6 Bernoulli(0.9) draws: standard deviation of the rate is 3e-4
+    assert abs(kept.float().mean().item() - 0.9) < 1.5e-3
+    assert torch.allclose(y[kept], torch.tensor(1 / 0.9))
+    torch.manual_seed(0)
+    assert torch.equal(fast_dropout(x, 0.1), y)  # the default generator: seeded runs repeat
+    assert not torch.equal(fast_dropout(x, 0.1), y)
+    # neighbouring elements are independent (each 64-bit draw feeds four of them)
+    pairs = kept.flatten()[: 10**6 // 4 * 4].view(-1, 4)
+    assert abs((pairs[:, 0] & pairs[:, 1]).float().mean().item() - 0.81) < 3e-3
+
+
+def test_use_fast_dropout_swaps_every_dropout(tiny_dropout_model_dir):
+    from tuneloop.model import use_fast_dropout
+
+    model = build_model(str(tiny_dropout_model_dir), ["no", "yes"], attn_implementation="lean")
+    torch.manual_seed(0)
+    before_a, _ = _two_training_forwards(model)
+    # embeddings, 2 per layer, the attention probabilities of each layer, the classifier's
+    assert use_fast_dropout(model) == 1 + 2 * 2 + 2 + 1
+    assert not any(type(m) is torch.nn.Dropout for m in model.modules())
+    torch.manual_seed(0)
+    a, b = _two_training_forwards(model)
+    assert not torch.equal(a, b) and not torch.equal(a, before_a)  # masks now come from fast_dropout
+    model.eval()
+    x = torch.tensor([[101, 2000, 2001, 102]])
+    assert torch.equal(model(input_ids=x).logits, model(input_ids=x).logits)

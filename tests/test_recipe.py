@@ -83,15 +83,22 @@ def test_refuses_to_overwrite_a_finished_run(tiny_model_dir, mrpc_slice, tmp_pat
     assert (out / "eval_results.json").read_text() == before
 
 
-def test_gradient_checkpointing_recomputes_and_trains_the_same_weights(tiny_dropout_model_dir, mrpc_slice, tmp_path):
+@pytest.mark.parametrize("masks", ["torch", "fast"])
+def test_gradient_checkpointing_recomputes_and_trains_the_same_weights(tiny_dropout_model_dir, mrpc_slice, tmp_path,
+                                                                        masks):
     from unittest import mock
 
     import torch.utils.checkpoint
 
-    plain = tuneloop.train(_config(tiny_dropout_model_dir, mrpc_slice, tmp_path / "plain"))
+    def config(out, **train):
+        c = _config(tiny_dropout_model_dir, mrpc_slice, out, **train)
+        c.model.dropout_masks = masks
+        return c
+
+    plain = tuneloop.train(config(tmp_path / "plain"))
     real = torch.utils.checkpoint.checkpoint
     with mock.patch("transformers.modeling_utils.checkpoint", side_effect=real) as spy:
-        ckpt = tuneloop.train(_config(tiny_dropout_model_dir, mrpc_slice, tmp_path / "ckpt", gradient_checkpointing=True))
+        ckpt = tuneloop.train(config(tmp_path / "ckpt", gradient_checkpointing=True))
     assert spy.call_count >= 2 * 6  # both layers, every training forward (3 steps x 2 epochs)
     wp, wc = _weights(tmp_path / "plain"), _weights(tmp_path / "ckpt")
     for k in wp:  # dropout is on: equal weights need the recomputation to replay the same masks

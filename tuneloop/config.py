@@ -54,6 +54,9 @@ class ModelConfig:
     # because attention with dropout keeps every batch x heads x length x length probability for backward.
     attention_dropout: float | None = _f(None, "override the checkpoint's dropout on attention probabilities "
                                                "(null: keep it; 0 saves much memory on long batches)")
+    dropout_masks: Literal["torch", "fast"] = _f("torch", "how dropout draws masks on CPU: torch (one random number "
+                                                          "per element) or fast (16 random bits per element, ~2.6x "
+                                                          "faster; p rounded to 1/65536); GPUs keep torch's")
     attn_implementation: str = _f("sdpa", "attention kernel: sdpa (PyTorch's fused attention), eager, lean (keeps "
                                           "probabilities in bf16: less memory and faster on CPU), auto (lean on CPU, "
                                           "sdpa elsewhere), or any name transformers knows (flash_attention_2, ...)")

@@ -83,8 +83,45 @@ def lean_attention_forward(module, query, key, value, attention_mask, scaling=No
         scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
     with torch.autocast(query.device.type, enabled=False):
         probs = torch.softmax(scores, dim=-1)
-    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+    if dropout and module.training:
+        # The attention module's own dropout decides how masks are drawn (see use_fast_dropout).
+        probs = module.dropout(probs) if isinstance(getattr(module, "dropout", None), torch.nn.Dropout) \
+            else torch.nn.functional.dropout(probs, p=dropout)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+def fast_dropout(x, p: float):
+    """Dropout whose keep mask takes 16 random bits per element instead of torch's one draw per element.
+
+    On CPU, nn.Dropout's bernoulli_ costs one Mersenne-Twister number per element, single-threaded:
+    measured 19.4 ms for one MiniLM hidden state (32 x 104 x 384, bf16) vs 7.4 ms here, and it was the
+    largest single kernel of a training step (36% of CPU time with attention dropout on). One int64 draw
+    gives four 16-bit uniforms, so p is rounded to a multiple of 1/65536 (0.1 -> 0.100006). It draws from
+    the default generator: seeded runs repeat, and checkpointed layers replay the same masks.
+    """
+    import torch
+
+    n = x.numel()
+    words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+    keep = words.view(torch.int16)[:n].view(x.shape) >= round(p * 65536) - 32768
+    return x.masked_fill(~keep, 0) * (1.0 / (1.0 - p))
+
+
+def use_fast_dropout(model) -> int:
+    """Swap every nn.Dropout in `model` for one that draws masks with `fast_dropout`; returns how many."""
+    import torch
+
+    class FastDropout(torch.nn.Dropout):
+        def forward(self, x):
+            return fast_dropout(x, self.p) if self.training and self.p > 0 else x
+
+    swapped = 0
+    for module in model.modules():
+        for name, child in module.named_children():
+            if type(child) is torch.nn.Dropout:
+                setattr(module, name, FastDropout(child.p))
+                swapped += 1
+    return swapped
 
 
 # model.attn_implementation "lean" is registered with transformers under this name, with SDPA's mask format.

@@ -22,7 +22,8 @@ from tuneloop.evaluate import evaluate
 from tuneloop.errors import DataError, TuneloopError
 from tuneloop.launch import accelerator_kwargs, check_processes, is_main_process
 from tuneloop.loop import Run, TrainingState, run_evaluation, train_loop
-from tuneloop.model import build_model, build_tokenizer, resolve_attention, resolve_model_path, saved_label_names
+from tuneloop.model import (build_model, build_tokenizer, resolve_attention, resolve_model_path, saved_label_names,
+                            use_fast_dropout)
 from tuneloop.optim import build_optimizer, build_scheduler, num_training_steps
 from tuneloop.precision import check_device_precision, reconcile_mixed_precision
 from tuneloop.signals import StopRequest
@@ -116,6 +117,8 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     model = build_model(config.model.name_or_path, raw.label_names,
                         resolve_attention(config.model.attn_implementation, accelerator.device.type),
                         attention_dropout=config.model.attention_dropout)
+    if config.model.dropout_masks == "fast" and accelerator.device.type == "cpu":
+        use_fast_dropout(model)
     if config.train.gradient_checkpointing:
         # Non-reentrant checkpointing replays the saved RNG state, so recomputed dropout masks are the same.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
