@@ -377,7 +377,10 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.attention_dropout: must be in [0, 1) or null, got {dropout}")
     from transformers import AttentionInterface
 
-    kernels = ["sdpa", "eager", "lean", "auto", *(k for k in AttentionInterface._global_mapping if k not in ("sdpa", "tuneloop_lean"))]
+    from tuneloop.model import LEAN_ATTENTION
+
+    named = ("sdpa", LEAN_ATTENTION)
+    kernels = ["sdpa", "eager", "lean", "auto", *(k for k in AttentionInterface._global_mapping if k not in named)]
     if config.model.attn_implementation not in kernels:
         raise ConfigError(f"model.attn_implementation: unknown attention '{config.model.attn_implementation}'"
                           f"{_suggest(config.model.attn_implementation, kernels)}; one of {', '.join(kernels)}")
