@@ -9,6 +9,9 @@ Rows (each one runs as its own fresh process, one after another):
   b  the HF Trainer with the course's hyperparameters (benchmarks/hf_trainer.py)
   c  tuneloop (`python -m tuneloop train`) with the course's hyperparameters (SAME_AS_COURSE)
   d  tuneloop's default recipe (DEFAULT_RECIPE)
+  e  the course loop on a tiny model (2 layers, hidden 32, random weights): a step is nearly all framework overhead
+  f  tuneloop, course hyperparameters, fp32, on the same tiny model (seconds per optimizer step vs e's)
+  g  tuneloop, course hyperparameters, torch.compile with CUDA graphs (`--train.compile reduce-overhead`; GPUs)
 Prints a Markdown table, the ratios the issue's targets are stated in, and writes JSON. How each number
 is measured: benchmarks/README.md (and the `how_measured` block of the JSON).
 """
@@ -34,7 +37,6 @@ sys.path.insert(0, str(ROOT))  # benchmarks.* and this checkout's tuneloop, not 
 from benchmarks.flops import matmul_peak, mfu, model_shape, training_flops  # noqa: E402
 from benchmarks.tokens import TokenCounts, plan_counts  # noqa: E402
 from tuneloop.model import default_model_path  # noqa: E402
-from tuneloop.precision import resolve_mixed_precision  # noqa: E402  ('auto' -> what the run used)
 
 DEFAULT_DATA_DIR = "../shared/data/glue/MRPC"  # relative to the repository root
 
@@ -53,7 +55,14 @@ ROWS = {
     "b": "HF Trainer, course hparams",
     "c": "tuneloop, course hparams",
     "d": "tuneloop, default recipe",
+    "e": "course loop, tiny model",
+    "f": "tuneloop, tiny model, fp32",
+    "g": "tuneloop, course hparams, compiled",
 }
+TINY_ROWS = ("e", "f")
+TINY_EPOCHS = 1  # per-step overhead does not need three epochs
+# (g) row c with torch.compile and CUDA graphs over a bounded set of padded shapes.
+COMPILED = ["--train.compile", "reduce-overhead"]
 
 QUICK = {"max_train_samples": 512, "epochs": 2}  # 128 steps per row at batch 8; the same for every row
 
@@ -64,6 +73,7 @@ TARGETS = [  # (ratio key, comparison, threshold, text)
     ("d_minus_a_accuracy", ">=", 0.0, "default recipe dev accuracy (mean over seeds) >= course loop"),
     ("c_over_a_peak_rss", "<=", 1.0, "tuneloop (same hparams) peak RSS <= course loop"),
     ("d_over_a_peak_rss", "<=", 1.0, "default recipe peak RSS <= course loop"),
+    ("f_over_e_seconds_per_step", "<=", 1.0, "tiny model: tuneloop seconds per optimizer step <= course loop's"),
 ]
 
 HOW_MEASURED = {
@@ -84,11 +94,13 @@ HOW_MEASURED = {
                      "model load, training, evaluation and whatever the row writes"),
     "peak_rss_mb": "ru_maxrss of that child process alone, from os.wait4 (MiB)",
     "dev_metrics": "accuracy and F1 (scikit-learn) on the full MRPC dev set (408) after the last epoch",
-    "mfu": ("training FLOPs / training seconds / matmul peak of the row's precision (fp32 or bf16), the peak "
-            "being the best of 10 timed 2048^3 matmuls, measured before and after the rows (the higher is used). "
+    "mfu": ("training FLOPs / training seconds / matmul peak of the row's precision (fp32, tf32 or bf16) on the "
+            "device the rows ran on (the GPU when there is one, else the CPU), the peak being the best of 10 timed "
+            "matmuls (2048^3 on a CPU, 8192^3 on a GPU), measured before and after the rows (the higher is used). "
             "Training FLOPs = 6 x non-embedding params x real tokens + 12 x layers x hidden x sum over trained "
             "examples of real_length^2 (attention over an example's own real tokens only: padding is not "
             "useful work)"),
+    "seconds_per_step": "train seconds / optimizer steps (rows e, f: the per-step cost of the loop around a tiny model)",
     "seeds": "with several seeds, each number is the mean over seeds; accuracy and F1 also get the sample std",
 }
 
@@ -113,10 +125,36 @@ def run_child(cmd: list[str], env: dict[str, str], log_path: Path) -> dict[str, 
     return {"returncode": proc.returncode, "wall_seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
+def tiny_model(work_dir: Path) -> Path:
+    """A 2-layer, hidden-32 BERT with random weights and the default model's tokenizer (as tests/conftest.py)."""
+    path = work_dir / "tiny-bert"
+    if (path / "config.json").is_file():
+        return path
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=512)
+    torch.manual_seed(1234)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def row_model(row: str, args) -> str:
+    return str(tiny_model(args.work_dir)) if row in TINY_ROWS else args.model
+
+
+def row_epochs(row: str, args) -> int:
+    return args.epochs or (TINY_EPOCHS if row in TINY_ROWS else 3)
+
+
 def reference_command(row: str, args, seed: int, run_dir: Path, results: Path) -> list[str]:
-    script = {"a": "course_loop.py", "b": "hf_trainer.py"}[row]
-    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--data-dir", args.data_dir, "--model", args.model,
-           "--seed", str(seed), "--epochs", str(args.epochs or 3), "--results", str(results)]
+    script = {"a": "course_loop.py", "b": "hf_trainer.py", "e": "course_loop.py"}[row]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--data-dir", args.data_dir,
+           "--model", row_model(row, args), "--seed", str(seed), "--epochs", str(row_epochs(row, args)),
+           "--results", str(results)]
     if row == "b":
         cmd += ["--output-dir", str(run_dir / "trainer")]
     if args.max_train_samples:
@@ -125,11 +163,12 @@ def reference_command(row: str, args, seed: int, run_dir: Path, results: Path) -
 
 
 def tuneloop_command(row: str, args, seed: int, out_dir: Path) -> list[str]:
-    flags = SAME_AS_COURSE if row == "c" else DEFAULT_RECIPE
+    flags = {"c": SAME_AS_COURSE, "d": DEFAULT_RECIPE, "f": [*SAME_AS_COURSE, "--mixed-precision", "no"],
+             "g": [*SAME_AS_COURSE, *COMPILED]}[row]
     cmd = [sys.executable, "-m", "tuneloop", "train", "--task", "mrpc", "--data-dir", args.data_dir,
-           "--model", args.model, "--output-dir", str(out_dir), "--seed", str(seed), *flags]
-    if args.epochs:  # later flags win: --quick / --epochs apply to every row alike
-        cmd += ["--epochs", str(args.epochs)]
+           "--model", row_model(row, args), "--output-dir", str(out_dir), "--seed", str(seed), *flags]
+    if args.epochs or row in TINY_ROWS:  # later flags win: --quick / --epochs apply to every row alike
+        cmd += ["--epochs", str(row_epochs(row, args))]
     if args.max_train_samples:
         cmd += ["--max-train-samples", str(args.max_train_samples)]
     return cmd
@@ -160,6 +199,7 @@ def tuneloop_train_seconds(records: list[dict[str, Any]], step_samples: list[int
 
 def tuneloop_measurements(out_dir: Path, cache_dir: Path) -> dict[str, Any]:
     """What rows a and b measure in-process, rebuilt for a finished tuneloop run from its output folder."""
+    from tuneloop.compiling import compile_padding
     from tuneloop.config import load_config
     from tuneloop.data import load_raw, tokenize_splits
     from tuneloop.model import build_tokenizer
@@ -170,7 +210,8 @@ def tuneloop_measurements(out_dir: Path, cache_dir: Path) -> dict[str, Any]:
     lengths = tokenize_splits(load_raw(config.data), tokenizer, config.data)["train"]["length"]
     counts, step_samples = plan_counts(lengths, config.train.batch_size, config.train.seed, config.train.epochs,
                                        config.data.group_by_length, config.data.padding, config.data.max_length,
-                                       config.data.pad_to_multiple_of, config.train.gradient_accumulation_steps)
+                                       compile_padding(config.train.compile, config.data.pad_to_multiple_of),
+                                       config.train.gradient_accumulation_steps)
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     timing = tuneloop_train_seconds(records, step_samples)
     final = json.loads((out_dir / "eval_results.json").read_text())
@@ -180,7 +221,8 @@ def tuneloop_measurements(out_dir: Path, cache_dir: Path) -> dict[str, Any]:
         "counts": counts.as_dict(),
         "counts_how": "replayed from tuneloop.batching.plan_epoch on the run's cached tokenisation",
         "optimizer_steps": len(step_samples),
-        "precision": {"bf16": "bf16", "fp16": "fp16"}.get(resolve_mixed_precision(config.train.mixed_precision), "fp32"),
+        # config.yaml holds the resolved precision (no, tf32, bf16 or fp16); older runs may still say auto
+        "precision": precision_label(config.train.mixed_precision, config.model.name_or_path),
         "dev": {"accuracy": final["accuracy"], "f1": final["f1"], "num_examples": final.get("num_examples")},
         "hyperparameters": {"epochs": config.train.epochs, "batch_size": config.train.batch_size,
                             "learning_rate": config.optim.learning_rate, "weight_decay": config.optim.weight_decay,
@@ -198,7 +240,7 @@ def run_row(row: str, seed: int, args, work_dir: Path) -> dict[str, Any]:
     cache_dir = run_dir / "cache"
     results = run_dir / "measurements.json"
     out_dir = run_dir / "out"
-    cmd = (reference_command(row, args, seed, run_dir, results) if row in ("a", "b")
+    cmd = (reference_command(row, args, seed, run_dir, results) if row in ("a", "b", "e")
            else tuneloop_command(row, args, seed, out_dir))
     load_before = os.getloadavg()[0]
     print(f"[{row} seed {seed}] {ROWS[row]}: running (log: {run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir}/log.txt)", flush=True)
@@ -209,22 +251,46 @@ def run_row(row: str, seed: int, args, work_dir: Path) -> dict[str, Any]:
         print(f"[{row} seed {seed}] FAILED (exit {process['returncode']}):\n  " + "\n  ".join(tail), flush=True)
         run["error"] = tail
         return run
-    run.update(json.loads(results.read_text()) if row in ("a", "b") else tuneloop_measurements(out_dir, cache_dir))
-    if row in ("c", "d") and not args.keep_models:
+    run.update(json.loads(results.read_text()) if row in ("a", "b", "e") else tuneloop_measurements(out_dir, cache_dir))
+    run["model"] = row_model(row, args)
+    if row not in ("a", "b", "e") and not args.keep_models:
         shutil.rmtree(out_dir / "model", ignore_errors=True)
     print(f"[{row} seed {seed}] done: wall {run['wall_seconds']:.1f} s, train {run['train_seconds']:.1f} s, "
           f"dev accuracy {run['dev']['accuracy']:.4f}", flush=True)
     return run
 
 
+def precision_label(mixed_precision: str, model: str | None) -> str:
+    """The matmul peak a row is held against: fp32, tf32 (fp32 on TF32 tensor cores), bf16 or fp16."""
+    from tuneloop.precision import resolve_mixed_precision
+
+    resolved = resolve_mixed_precision(mixed_precision, model=model) if mixed_precision == "auto" else mixed_precision
+    return {"no": "fp32"}.get(resolved, resolved)
+
+
+def device_peaks() -> tuple[str, dict[str, float], dict[str, Any]]:
+    """Matmul peaks of the device the rows run on (the first GPU, else the CPU), in every precision a row uses."""
+    import torch
+
+    if torch.cuda.is_available():
+        device, n = "cuda", 8192
+        dtypes = ("fp32", "tf32", "bf16", "fp16")
+    else:
+        device, n = "cpu", 2048
+        dtypes = ("fp32", "bf16")
+    measured = {d: matmul_peak(d, n=n, device=device) for d in dtypes}
+    return device, {d: m["peak_flops_per_second"] for d, m in measured.items()}, measured
+
+
 def derive(run: dict[str, Any], shape: dict[str, Any], peaks: dict[str, float]) -> None:
     """Throughput, padding and MFU of one finished run (in place)."""
     counts, seconds = TokenCounts(**{k: v for k, v in run["counts"].items() if k != "padding_share"}), run["train_seconds"]
+    run["seconds_per_step"] = seconds / run["optimizer_steps"]
     flops = training_flops(shape["non_embedding_params"], shape["layers"], shape["hidden"], counts.real_tokens,
                            counts.sum_sq_len)
     run.update(samples_per_second=counts.samples / seconds, real_tokens_per_second=counts.real_tokens / seconds,
                padding_share=counts.padding_share, training_flops=flops, achieved_flops_per_second=flops / seconds,
-               mfu=mfu(flops, seconds, peaks[run["precision"]]), mfu_peak=run["precision"])
+               mfu=mfu(flops, seconds, peaks.get(run["precision"], peaks["fp32"])), mfu_peak=run["precision"])
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -233,7 +299,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if not ok:
         return {"runs_ok": 0, "runs": len(runs)}
     keys = ["samples_per_second", "real_tokens_per_second", "padding_share", "train_seconds", "wall_seconds",
-            "peak_rss_mb", "mfu"]
+            "peak_rss_mb", "mfu", "seconds_per_step"]
     out = {k: statistics.mean(r[k] for r in ok) for k in keys}
     for metric in ("accuracy", "f1"):
         values = [r["dev"][metric] for r in ok]
@@ -257,21 +323,27 @@ def ratios(summary: dict[str, dict[str, Any]]) -> dict[str, float]:
         out["d_over_a_wall_seconds"] = summary["d"]["wall_seconds"] / summary["a"]["wall_seconds"]
         out["d_minus_a_accuracy"] = summary["d"]["accuracy"] - summary["a"]["accuracy"]
         out["d_over_a_peak_rss"] = summary["d"]["peak_rss_mb"] / summary["a"]["peak_rss_mb"]
+    if have("e", "f"):
+        out["f_over_e_seconds_per_step"] = summary["f"]["seconds_per_step"] / summary["e"]["seconds_per_step"]
+    if have("c", "g"):
+        out["g_over_c_samples_per_second"] = summary["g"]["samples_per_second"] / summary["c"]["samples_per_second"]
     return out
 
 
-def markdown_table(summary: dict[str, dict[str, Any]], several_seeds: bool) -> str:
-    lines = ["| row | samples/s | real tokens/s | padding | train s | wall s | peak RSS MB | dev accuracy | dev F1 | MFU |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def markdown_table(summary: dict[str, dict[str, Any]], several_seeds: bool, device: str = "") -> str:
+    lines = ([f"Device: {device}", ""] if device else []) + [
+        "| row | samples/s | real tokens/s | padding | train s | ms/step | wall s | peak RSS MB | dev accuracy | dev F1 | MFU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row, s in summary.items():
         name = f"{row}: {ROWS[row]}"
         if not s.get("runs_ok"):
-            lines.append(f"| {name} | failed |  |  |  |  |  |  |  |  |")
+            lines.append(f"| {name} | failed |  |  |  |  |  |  |  |  |  |")
             continue
         acc = f"{s['accuracy']:.3f} ± {s['accuracy_std']:.3f}" if several_seeds else f"{s['accuracy']:.3f}"
         f1 = f"{s['f1']:.3f} ± {s['f1_std']:.3f}" if several_seeds else f"{s['f1']:.3f}"
         lines.append(f"| {name} | {s['samples_per_second']:.1f} | {s['real_tokens_per_second']:.0f} | "
-                     f"{100 * s['padding_share']:.1f}% | {s['train_seconds']:.1f} | {s['wall_seconds']:.1f} | "
+                     f"{100 * s['padding_share']:.1f}% | {s['train_seconds']:.1f} | {1000 * s['seconds_per_step']:.1f} | "
+                     f"{s['wall_seconds']:.1f} | "
                      f"{s['peak_rss_mb']:.0f} | {acc} | {f1} | {100 * s['mfu']:.1f}% ({s['precision']}) |")
     return "\n".join(lines)
 
@@ -298,7 +370,8 @@ def machine_info() -> dict[str, Any]:
         dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip())
     except OSError:
         commit, dirty = None, None
-    return {"cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"device": gpu or cpu, "gpu": gpu, "cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "accelerate": accelerate.__version__,
             "git_commit": commit, "git_dirty": dirty}
 
@@ -345,27 +418,30 @@ def main(argv=None) -> int:
           f"{'quick ' if args.quick else ''}epochs {args.epochs or 'per row (3)'}, "
           f"train examples {args.max_train_samples or 'all'}; work dir {args.work_dir}", flush=True)
 
-    peaks_before = {d: matmul_peak(d) for d in ("fp32", "bf16")}
-    shape = model_shape(args.model)
+    machine = machine_info()
+    peak_device, peaks_before, measured_before = device_peaks()
+    shapes = {args.model: model_shape(args.model)}
     runs = [run_row(row, seed, args, args.work_dir) for seed in args.seeds for row in args.rows]
-    peaks_after = {d: matmul_peak(d) for d in ("fp32", "bf16")}
-    peaks = {d: max(peaks_before[d]["peak_flops_per_second"], peaks_after[d]["peak_flops_per_second"])
-             for d in ("fp32", "bf16")}
-    peaks["fp16"] = peaks["fp32"]  # no fp16 matmul fast path on this CPU; only used if a row trains in fp16
+    _, peaks_after, measured_after = device_peaks()
+    peaks = {d: max(peaks_before[d], peaks_after[d]) for d in peaks_before}
+    peaks.setdefault("fp16", peaks["fp32"])  # no fp16 matmul fast path on a CPU; only used if a row trains in fp16
     for run in runs:
         if run["returncode"] == 0:
-            derive(run, shape, peaks)
+            shapes.setdefault(run["model"], model_shape(run["model"]))
+            derive(run, shapes[run["model"]], peaks)
+    shape = shapes[args.model]
 
     summary = {row: summarise([r for r in runs if r["row"] == row]) for row in args.rows}
     r = ratios(summary)
-    table = markdown_table(summary, len(args.seeds) > 1)
+    table = markdown_table(summary, len(args.seeds) > 1, machine["device"])
     print()
     if args.quick:
         print(f"**Smoke check** (`--quick`: first {args.max_train_samples} examples, {args.epochs} epochs): "
               f"the numbers are not a measurement.\n")
     print(table)
-    print(f"\nMatmul peak (2048³, best of 10): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; "
-          f"non-embedding parameters {shape['non_embedding_params'] / 1e6:.2f} M of {shape['params'] / 1e6:.2f} M")
+    print(f"\nMatmul peaks on {machine['device']} ({peak_device}, best of 10): "
+          + ", ".join(f"{d} {v / 1e9:.0f} GFLOP/s" for d, v in peaks.items())
+          + f"; non-embedding parameters {shape['non_embedding_params'] / 1e6:.2f} M of {shape['params'] / 1e6:.2f} M")
     if r:
         print("\nRatios and the issue's targets:")
         print("\n".join(targets_text(r)))
@@ -380,9 +456,11 @@ def main(argv=None) -> int:
         "quick": args.quick, "rows": args.rows, "seeds": args.seeds, "epochs_override": args.epochs,
         "max_train_samples": args.max_train_samples, "data_dir": args.data_dir, "model": args.model,
         "work_dir": str(args.work_dir), "bench_seconds": time.perf_counter() - started,
-        "machine": machine_info(), "model_shape": shape,
-        "matmul_peak": {"used_flops_per_second": peaks, "before": peaks_before, "after": peaks_after},
-        "recipes": {"c": SAME_AS_COURSE, "d": DEFAULT_RECIPE},
+        "device": machine["device"], "machine": machine, "model_shape": shape, "model_shapes": shapes,
+        "matmul_peak": {"device": peak_device, "used_flops_per_second": peaks, "before": measured_before,
+                        "after": measured_after},
+        "recipes": {"c": SAME_AS_COURSE, "d": DEFAULT_RECIPE, "f": [*SAME_AS_COURSE, "--mixed-precision", "no"],
+                    "g": [*SAME_AS_COURSE, *COMPILED]},
         "summary": summary, "ratios": r, "targets": targets_text(r), "table_markdown": table,
         "how_measured": HOW_MEASURED, "runs": runs,
     }

@@ -49,23 +49,32 @@ def mfu(flops: float, seconds: float, peak_flops_per_second: float) -> float:
     return flops / seconds / peak_flops_per_second
 
 
-def matmul_peak(dtype_name: str, n: int = 2048, reps: int = 10, warmup: int = 3) -> dict[str, Any]:
-    """FLOP/s of an n x n x n matmul in fp32 or bf16 with torch's default threads: best of `reps`
-    after `warmup` (the best is the least disturbed by other work on the machine); the median too."""
+def matmul_peak(dtype_name: str, n: int = 2048, reps: int = 10, warmup: int = 3, device: str = "cpu") -> dict[str, Any]:
+    """FLOP/s of an n x n x n matmul in fp32, tf32 (fp32 inputs on TF32 tensor cores: GPUs), bf16 or fp16 on
+    `device` with torch's default threads: best of `reps` after `warmup` (the best is the least disturbed by
+    other work on the machine); the median too. On a GPU each matmul is timed between synchronisations."""
     import torch
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(dtype)
-    b = torch.randn(n, n, generator=g).to(dtype)
-    for _ in range(warmup):
-        torch.matmul(a, b)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        times.append(time.perf_counter() - t0)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if dtype_name == "tf32" else "highest")
+    try:
+        for _ in range(warmup):
+            torch.matmul(a, b)
+        sync()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.matmul(a, b)
+            sync()
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_float32_matmul_precision(previous)
     flop = 2.0 * n ** 3
     times.sort()
-    return {"dtype": dtype_name, "n": n, "reps": reps, "threads": torch.get_num_threads(),
+    return {"dtype": dtype_name, "n": n, "reps": reps, "device": device, "threads": torch.get_num_threads(),
             "peak_flops_per_second": flop / times[0], "median_flops_per_second": flop / times[len(times) // 2]}

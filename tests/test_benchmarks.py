@@ -84,3 +84,25 @@ def test_tuneloop_train_seconds_removes_epoch_end_evaluation():
     assert timing["eval_seconds_removed"] == pytest.approx(3.0)
     with pytest.raises(ValueError):
         tuneloop_train_seconds(records[:3], step_samples)
+
+
+def test_tiny_rows_ratio_and_table_name_the_device():
+    from benchmarks.bench import markdown_table, precision_label, ratios
+
+    row = dict(runs_ok=1, samples_per_second=10.0, real_tokens_per_second=500.0, padding_share=0.1, train_seconds=2.0,
+               seconds_per_step=0.02, wall_seconds=9.0, peak_rss_mb=600.0, accuracy=0.7, f1=0.8, mfu=0.01,
+               precision="fp32", accuracy_std=0.0, f1_std=0.0)
+    summary = {"e": row, "f": {**row, "seconds_per_step": 0.015}}
+    assert ratios(summary) == {"f_over_e_seconds_per_step": pytest.approx(0.75)}
+    table = markdown_table(summary, False, "NVIDIA H200")
+    assert table.startswith("Device: NVIDIA H200") and "| 20.0 |" in table and "| 15.0 |" in table
+    assert precision_label("no", None) == "fp32" and precision_label("tf32", None) == "tf32"
+    assert precision_label("bf16", None) == "bf16"
+
+
+def test_matmul_peak_reports_its_device_and_precision():
+    from benchmarks.flops import matmul_peak
+
+    peak = matmul_peak("fp32", n=64, reps=2, warmup=1)
+    assert peak["device"] == "cpu" and peak["dtype"] == "fp32" and peak["peak_flops_per_second"] > 0
+    assert torch.get_float32_matmul_precision() == "highest"  # the tf32 setting does not leak

@@ -203,14 +203,14 @@ def test_a_process_dying_mid_training_ends_the_job(tiny_model_dir, data, tmp_pat
     # Process 1 fails at its second optimizer step while process 0 is inside a collective with it.
     script = tmp_path / "dies.py"
     script.write_text("import os, sys\n"
-                      "import tuneloop.loop as loop\n"
+                      "from tuneloop.guard import StepGuard\n"
                       "from tuneloop.cli import main\n"
-                      "check = loop.check_step\n"
-                      "def failing(run, window_loss):\n"
-                      "    if os.environ['RANK'] == '1' and run.state.step == 1:\n"
+                      "check = StepGuard.check\n"
+                      "def failing(self, window_loss, step):\n"
+                      "    if os.environ['RANK'] == '1' and step == 2:\n"
                       "        raise RuntimeError('process 1 broke')\n"
-                      "    return check(run, window_loss)\n"
-                      "loop.check_step = failing\n"
+                      "    return check(self, window_loss, step)\n"
+                      "StepGuard.check = failing\n"
                       "sys.exit(main())\n")
     start = time.monotonic()
     proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),

@@ -149,3 +149,30 @@ def test_use_fast_dropout_swaps_every_dropout(tiny_dropout_model_dir):
     model.eval()
     x = torch.tensor([[101, 2000, 2001, 102]])
     assert torch.equal(model(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_gradient_checkpointing_uses_the_method_the_installed_transformers_has(tiny_model_dir):
+    import warnings
+
+    from transformers import AutoModelForSequenceClassification
+
+    from tuneloop.model import enable_gradient_checkpointing
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # never the deprecated alias where the new name exists
+        enable_gradient_checkpointing(model)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+    calls = []
+
+    class Older(type(model)):  # transformers 5.x releases from before `activation_checkpointing_enable`
+        activation_checkpointing_enable = property(lambda self: (_ for _ in ()).throw(AttributeError("absent")))
+
+        def gradient_checkpointing_enable(self, **kwargs):
+            calls.append(kwargs)
+
+    older = Older.from_pretrained(tiny_model_dir)
+    assert not hasattr(older, "activation_checkpointing_enable")
+    enable_gradient_checkpointing(older)
+    assert calls == [{"gradient_checkpointing_kwargs": {"use_reentrant": False}}]

@@ -21,9 +21,40 @@ def test_auto_on_cpu_uses_bf16_only_where_it_is_fast(monkeypatch, avx512_bf16, a
 
 
 @pytest.mark.parametrize("bf16, expected", [(True, "bf16"), (False, "fp16")])
-def test_auto_on_gpu(monkeypatch, bf16, expected):
+def test_auto_on_gpu_for_large_models(monkeypatch, bf16, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
-    assert resolve_mixed_precision("auto", use_cpu=False) == expected
+    assert resolve_mixed_precision("auto", use_cpu=False, hidden_size=768) == expected
+    assert resolve_mixed_precision("auto", use_cpu=False, hidden_size=4096) == expected
+
+
+def test_auto_on_gpu_keeps_small_models_in_fp32_with_tf32_matmuls(monkeypatch, tiny_model_dir):
+    from tuneloop.precision import GPU_BF16_MIN_HIDDEN, model_hidden_size
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert GPU_BF16_MIN_HIDDEN == 768  # H200: MiniLM (384) faster in fp32, BERT-base (768) in bf16
+    assert resolve_mixed_precision("auto", use_cpu=False, hidden_size=384) == "tf32"
+    assert resolve_mixed_precision("auto", use_cpu=False, hidden_size=767) == "tf32"
+    assert model_hidden_size(None) == 384  # the bundled MiniLM
+    assert resolve_mixed_precision("auto", use_cpu=False, model=None) == "tf32"
+    assert resolve_mixed_precision("auto", use_cpu=False, model=str(tiny_model_dir)) == "tf32"  # hidden 32
+    # A model whose config cannot be read: the device alone decides.
+    assert model_hidden_size("/nonexistent/model") is None
+    assert resolve_mixed_precision("auto", use_cpu=False, model="/nonexistent/model") == "bf16"
+    # The model's size never changes the CPU rule.
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert resolve_mixed_precision("auto", use_cpu=True, hidden_size=32) == "bf16"
+
+
+def test_tf32_is_fp32_for_accelerate_and_switches_tf32_matmuls_on_only_on_gpus(monkeypatch):
+    from tuneloop.precision import accelerate_precision, apply_tf32
+
+    assert [accelerate_precision(p) for p in ("tf32", "no", "bf16", "fp16")] == ["no", "no", "bf16", "fp16"]
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    apply_tf32("tf32", "cpu")
+    apply_tf32("bf16", "cuda")
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+    apply_tf32("tf32", "cuda")
+    assert torch.backends.cuda.matmul.allow_tf32 is True
 
 
 def test_compiled_and_eager_models_give_the_same_loss():

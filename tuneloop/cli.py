@@ -41,7 +41,7 @@ def add_config_flags(parser: argparse.ArgumentParser, only: set[str] | None = No
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             kwargs: dict[str, Any] = dict(dest=path, default=argparse.SUPPRESS,
                                           help=f"{f.metadata.get('help', '')} (default: {default})")
-            if hints[f.name] is bool:
+            if hints[f.name] is bool or bool in typing.get_args(hints[f.name]):
                 kwargs.update(nargs="?", const="true", metavar="BOOL")
             elif "const" in f.metadata:  # a flag that may stand alone (--resume) or take a value
                 kwargs.update(nargs="?", const=f.metadata["const"], metavar="PATH")

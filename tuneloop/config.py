@@ -54,9 +54,10 @@ class ModelConfig:
     # because attention with dropout keeps every batch x heads x length x length probability for backward.
     attention_dropout: float | None = _f(None, "override the checkpoint's dropout on attention probabilities "
                                                "(null: keep it; 0 saves much memory on long batches)")
-    dropout_masks: Literal["torch", "fast"] = _f("torch", "how dropout draws masks on CPU: torch (one random number "
-                                                          "per element) or fast (16 random bits per element, ~2.6x "
-                                                          "faster; p rounded to 1/65536); GPUs keep torch's")
+    dropout_masks: Literal["torch", "fast", "auto"] = _f("torch", "how dropout draws masks on CPU: torch (one random "
+                                                                  "number per element), fast (16 random bits per "
+                                                                  "element, ~2.6x faster; p rounded to 1/65536), or "
+                                                                  "auto (fast on CPU); GPUs keep torch's")
     attn_implementation: str = _f("sdpa", "attention kernel: sdpa (PyTorch's fused attention), eager, lean (keeps "
                                           "probabilities in bf16: less memory and faster on CPU), auto (lean on CPU, "
                                           "sdpa elsewhere), or any name transformers knows (flash_attention_2, ...)")
@@ -80,10 +81,11 @@ class TrainConfig:
     epochs: int = _f(3, "number of passes over the training data")
     batch_size: int = _f(8, "examples per device per micro-batch")
     gradient_accumulation_steps: int = _f(1, "micro-batches accumulated into one optimizer step")
-    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = _f("auto", "autocast precision: no, bf16, fp16, or auto (bf16 where the CPU/GPU runs it fast, else fp32)")
-    gradient_checkpointing: bool = _f(False, "recompute each layer's activations in backward instead of keeping "
-                                             "them (less memory, one more forward per step)")
-    compile: bool = _f(False, "torch.compile the model (pads to a multiple of 8 unless pad_to_multiple_of is set, to limit recompiles)")
+    mixed_precision: Literal["no", "bf16", "fp16", "auto", "tf32"] = _f("auto", "autocast precision: no, bf16, fp16, tf32 (fp32 with TF32 matmuls on GPUs; no elsewhere), or auto (from device and model size: README \"Precision\")")
+    gradient_checkpointing: bool | Literal["auto"] = _f(False, "recompute each layer's activations in backward instead "
+                                                               "of keeping them (less memory, one more forward per "
+                                                               "step); auto: only on CPUs with fast bf16, where it pays")
+    compile: bool | Literal["reduce-overhead", "max-autotune"] = _f(False, "torch.compile the model: true, reduce-overhead (CUDA graphs: one launch per step on GPUs; pads lengths to a multiple of 32) or max-autotune (pads to a multiple of 8 unless pad_to_multiple_of is set, to limit recompiles)")
     seed: int = _f(0, "seed for weights of new heads, dropout and data order")
     log_every: int = _f(10, "log loss and learning rate every N optimizer steps")
     nan_policy: Literal["stop", "skip"] = _f("stop", "on a NaN/infinite loss: stop with a message, or skip that update and count it")

@@ -16,8 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from tuneloop.checkpoint import save_checkpoint
-from tuneloop.errors import TuneloopError
 from tuneloop.evaluate import evaluate
+from tuneloop.guard import NonFiniteLoss, StepGuard  # noqa: F401  (NonFiniteLoss: re-exported)
 from tuneloop.signals import Interrupted, StopRequest
 
 
@@ -85,10 +85,6 @@ def record_evaluation(run: Run, results: dict[str, float]) -> float | None:
     return score if score is not None and math.isfinite(score) else None
 
 
-class NonFiniteLoss(TuneloopError):
-    """The loss became NaN or infinite and nan_policy is `stop`."""
-
-
 def train_loop(run: Run) -> dict[str, float]:
     cfg, accelerator, model, state = run.config, run.accelerator, run.model, run.state
     optimizer, scheduler, sampler = run.optimizer, run.scheduler, run.train_sampler
@@ -98,11 +94,13 @@ def train_loop(run: Run) -> dict[str, float]:
     progress = tqdm(total=run.num_training_steps, initial=state.step, desc="train", unit="step",
                     disable=not accelerator.is_main_process, dynamic_ncols=True,
                     mininterval=0.1 if sys.stderr.isatty() else 30)
-    # Loss since the last log line stays on the device: no host sync except on logging steps.
-    # (A resumed run starts from the sums saved with the checkpoint, so its log lines match.)
+    # Loss since the last log line, NaN checks and stop signals stay on the device: no host read except on
+    # logging steps, before checkpoints and at epoch ends (tuneloop.guard). (A resumed run starts from the
+    # sums saved with the checkpoint, so its log lines match.)
     pending = state.pending_loss if accelerator.is_main_process else (0.0, 0.0)
     loss_sum = torch.tensor(pending[0], device=accelerator.device, dtype=torch.float64)
-    loss_count = pending[1]
+    loss_count = torch.tensor(pending[1], device=accelerator.device, dtype=torch.float64)
+    guard = StepGuard(accelerator, optimizer, cfg.train.nan_policy, run.num_training_steps // max(cfg.train.epochs, 1))
     window_loss, window_count = torch.zeros((), device=accelerator.device, dtype=torch.float64), 0
     last_log_time, last_log_samples = time.perf_counter(), state.samples_seen
     results: dict[str, float] = {}
@@ -123,18 +121,16 @@ def train_loop(run: Run) -> dict[str, float]:
                 window_loss += loss.detach().double() * n
                 window_count += n
                 if accelerator.sync_gradients:
-                    # One small reduction per optimizer step decides on NaN and on stop signals.
-                    finite = check_step(run, window_loss)
-                    if finite:
-                        if cfg.optim.max_grad_norm:
-                            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+                    # A non-finite loss makes the optimizer skip this update on the device; read on logging steps.
+                    keep = guard.check(window_loss, state.step + 1)
+                    if cfg.optim.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+                    if guard.apply_update:
                         optimizer.step()
-                        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule aligned
-                            scheduler.step()
-                        loss_sum += window_loss
-                        loss_count += window_count
-                    else:
-                        state.skipped_steps += 1
+                    guard.after_step()
+                    scheduler.step()  # also on a skipped step: the LR follows the step counter (tuneloop.guard)
+                    loss_sum += window_loss.nan_to_num(0.0, 0.0, 0.0) * keep
+                    loss_count += keep * window_count
                     optimizer.zero_grad(set_to_none=True)
                     window_loss.zero_()
                     window_count = 0
@@ -145,11 +141,14 @@ def train_loop(run: Run) -> dict[str, float]:
             state.step += 1
             progress.update(1)
             state.samples_seen += int(window_sizes[window])
-            if state.step % cfg.train.log_every == 0 or state.step == run.num_training_steps:
+            log_step = state.step % cfg.train.log_every == 0 or state.step == run.num_training_steps
+            # Signals are agreed on logging steps; one process alone needs no agreement and stops at once.
+            stop = guard.read(run) if log_step or (run.stop.requested and processes == 1) else False
+            if log_step:
                 total_loss, total_count = pending_loss(accelerator, loss_sum, loss_count)
                 train_loss = total_loss / total_count if total_count > 0 else math.nan
                 loss_sum.zero_()
-                loss_count = 0
+                loss_count.zero_()
                 now, lr = time.perf_counter(), scheduler.get_last_lr()[0]
                 run.log({"type": "train", "step": state.step, "epoch": state.epoch + state.batch_in_epoch / len(sampler),
                          "loss": train_loss, "lr": lr, "skipped_steps": state.skipped_steps,
@@ -163,53 +162,37 @@ def train_loop(run: Run) -> dict[str, float]:
             epoch_done = state.batch_in_epoch == len(sampler)
             if cfg.checkpoint.checkpoint_every and state.step % cfg.checkpoint.checkpoint_every == 0 \
                     and not (epoch_done and cfg.checkpoint.checkpoint_every_epoch):  # the epoch end saves it
+                stop = guard.read(run) or stop  # a checkpoint never holds an unread bad step
                 state.pending_loss = pending_loss(accelerator, loss_sum, loss_count)
                 save_checkpoint(run, metric)
-            if run.stop.requested:
+            if stop:
                 stop_for_signal(run, loss_sum, loss_count)
 
         state.epoch += 1
         state.batch_in_epoch = 0
         metric = None
+        stop = guard.read(run)
         if run.eval_dataloaders and not (cfg.eval.eval_every and state.step % cfg.eval.eval_every == 0):
             results = run_evaluation(run)
             metric = record_evaluation(run, results)
         if cfg.checkpoint.checkpoint_every_epoch:
             state.pending_loss = pending_loss(accelerator, loss_sum, loss_count)
             save_checkpoint(run, metric)
+        if stop and state.epoch < cfg.train.epochs:
+            stop_for_signal(run, loss_sum, loss_count)
     progress.close()
     if not results and run.eval_dataloaders:  # resumed from the final checkpoint: nothing left to train
         results = run_evaluation(run)
     return results
 
 
-def check_step(run: Run, window_loss: torch.Tensor) -> bool:
-    """Whether this optimizer step's loss is finite on every process; raise if it is not and the policy is stop."""
-    flags = torch.stack([(~torch.isfinite(window_loss)).double(),
-                         torch.tensor(float(run.stop.requested), device=window_loss.device, dtype=torch.float64)])
-    if run.accelerator.num_processes > 1:
-        flags = run.accelerator.reduce(flags, "max")  # a signal seen by one process stops them all
-    nonfinite, stop = flags.tolist()
-    if stop and not run.stop.requested:
-        run.stop.signal_name = "a signal on another process"
-    if nonfinite and run.config.train.nan_policy == "stop":
-        from tuneloop.checkpoint import latest_checkpoint
-
-        state = run.state
-        raise NonFiniteLoss(f"the loss became NaN/infinite at optimizer step {state.step + 1} (epoch {state.epoch + 1}); "
-                            f"stopped before applying it. Lower the learning rate, check the data, or set "
-                            f"--train.nan_policy skip. Last good checkpoint: {latest_checkpoint(run) or 'none'}")
-    return not nonfinite
-
-
-def pending_loss(accelerator, loss_sum: torch.Tensor, loss_count: int) -> tuple[float, float]:
+def pending_loss(accelerator, loss_sum: torch.Tensor, loss_count: torch.Tensor) -> tuple[float, float]:
     """Loss not yet logged, summed over processes, to be stored with a checkpoint."""
-    total = accelerator.reduce(torch.stack([loss_sum, torch.tensor(float(loss_count), device=loss_sum.device,
-                                                                   dtype=torch.float64)]), "sum")
+    total = accelerator.reduce(torch.stack([loss_sum, loss_count]), "sum").tolist()
     return float(total[0]), float(total[1])
 
 
-def stop_for_signal(run: Run, loss_sum: torch.Tensor, loss_count: int) -> None:
+def stop_for_signal(run: Run, loss_sum: torch.Tensor, loss_count: torch.Tensor) -> None:
     from tuneloop.checkpoint import checkpoints_dir
 
     state = run.state

@@ -124,6 +124,18 @@ def use_fast_dropout(model) -> int:
     return swapped
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant checkpointing, which replays the saved RNG state: recomputed dropout masks are the same.
+
+    transformers 5.x before the rename only has `gradient_checkpointing_enable`; newer 5.x releases keep it as a
+    deprecated alias (with a FutureWarning) of `activation_checkpointing_enable`, so call whichever is native.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 # model.attn_implementation "lean" is registered with transformers under this name, with SDPA's mask format.
 LEAN_ATTENTION = "tuneloop_lean"
 
@@ -137,12 +149,39 @@ def resolve_attention(name: str, device_type: str) -> str:
     return name
 
 
-def _register_lean_attention() -> None:
+# PyTorch's SDPA under a name of tuneloop's, only so that it gets the mask below.
+SYNC_FREE_SDPA = "tuneloop_sdpa"
+
+
+def always_built_mask(*args, **kwargs):
+    """transformers' SDPA mask, always built. To drop the mask of a batch without padding, transformers asks
+    `padding_mask.all()` in every forward: a host read that makes the CPU wait for the GPU's queued work.
+    A padded batch (nearly every one) needs the mask anyway."""
+    from transformers.masking_utils import sdpa_mask
+
+    kwargs["allow_is_bidirectional_skip"] = False
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def _register_attention() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(LEAN_ATTENTION, lean_attention_forward)
-    AttentionMaskInterface.register(LEAN_ATTENTION, sdpa_mask)
+    AttentionMaskInterface.register(LEAN_ATTENTION, always_built_mask)
+    AttentionInterface.register(SYNC_FREE_SDPA, ALL_ATTENTION_FUNCTIONS["sdpa"])
+    AttentionMaskInterface.register(SYNC_FREE_SDPA, always_built_mask)
+
+
+def use_sync_free_sdpa(model) -> bool:
+    """Switch a model loaded with SDPA to the same kernel with `always_built_mask`; False if it did not load SDPA."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        return False
+    _register_attention()
+    model.set_attn_implementation(SYNC_FREE_SDPA)
+    return True
 
 
 def build_model(name_or_path: str | None, label_names: list[str] | None, attn_implementation: str | None = "sdpa",
@@ -152,7 +191,7 @@ def build_model(name_or_path: str | None, label_names: list[str] | None, attn_im
 
     name = resolve_model_path(name_or_path)
     if attn_implementation == "lean":
-        _register_lean_attention()
+        _register_attention()
         attn_implementation = LEAN_ATTENTION
     if label_names is None:
         kwargs = dict(num_labels=1, problem_type="regression", id2label={0: "score"}, label2id={"score": 0})
@@ -163,7 +202,10 @@ def build_model(name_or_path: str | None, label_names: list[str] | None, attn_im
         kwargs.update(attention_dropout_override(name, attention_dropout))
     try:
         try:
-            return AutoModelForSequenceClassification.from_pretrained(name, attn_implementation=attn_implementation, **kwargs)
+            model = AutoModelForSequenceClassification.from_pretrained(name, attn_implementation=attn_implementation,
+                                                                       **kwargs)
+            use_sync_free_sdpa(model)
+            return model
         except (ValueError, ImportError):  # an architecture without support for the requested attention
             if attn_implementation != "sdpa":
                 raise

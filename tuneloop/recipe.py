@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,15 +18,17 @@ import torch
 from tuneloop.batching import EpochBatchSampler
 from tuneloop.checkpoint import resume
 from tuneloop.config import Config
+from tuneloop.compiling import compile_padding, dynamo_kwargs, mark_cudagraph_steps
+from tuneloop.devices import resolve_for_device
 from tuneloop.data import Collator, RawData, load_raw, tokenize_splits
 from tuneloop.evaluate import evaluate
 from tuneloop.errors import DataError, TuneloopError
 from tuneloop.launch import accelerator_kwargs, check_processes, is_main_process
 from tuneloop.loop import Run, TrainingState, run_evaluation, train_loop
 from tuneloop.model import (build_model, build_tokenizer, resolve_attention, resolve_model_path, saved_label_names,
-                            use_fast_dropout)
+                            enable_gradient_checkpointing, use_fast_dropout)
 from tuneloop.optim import build_optimizer, build_scheduler, num_training_steps
-from tuneloop.precision import check_device_precision, reconcile_mixed_precision
+from tuneloop.precision import accelerate_precision, apply_tf32, check_device_precision, reconcile_mixed_precision
 from tuneloop.signals import StopRequest
 from tuneloop.tracking import MetricsLog, plot_learning_curves
 
@@ -43,11 +46,13 @@ def make_accelerator(config: Config):
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         AcceleratorState._reset_state()
         GradientState._reset_state()
-    accelerator = Accelerator(mixed_precision=reconcile_mixed_precision(config, warn=is_main_process()),
+    precision = reconcile_mixed_precision(config, warn=is_main_process())
+    accelerator = Accelerator(mixed_precision=accelerate_precision(precision),
                               gradient_accumulation_steps=config.train.gradient_accumulation_steps,
                               step_scheduler_with_optimizer=False,
-                              dynamo_backend="inductor" if config.train.compile else "no", **accelerator_kwargs(config))
+                              **dynamo_kwargs(config.train.compile), **accelerator_kwargs(config))
     check_device_precision(accelerator.mixed_precision, accelerator.device.type, warn=accelerator.is_main_process)
+    apply_tf32(precision, accelerator.device.type)
     check_processes(config, accelerator)
     return accelerator
 
@@ -111,8 +116,9 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     for split in ["train", *raw.eval_splits]:
         if "labels" not in tokenized[split].column_names:
             raise DataError(f"{split} split has no labels")
-    # A compiled model recompiles per new input shape: rounding lengths to a multiple of 8 bounds that.
-    collator = Collator(tokenizer, config.data, pad_to_multiple_of=8 if config.train.compile else None)
+    # A compiled model recompiles per new input shape (and records a CUDA graph per shape): padding bounds that.
+    padding = compile_padding(config.train.compile, config.data.pad_to_multiple_of)
+    collator = Collator(tokenizer, dataclasses.replace(config.data, pad_to_multiple_of=padding))
     # The classifier head is initialised from the seed set above, so runs are reproducible.
     model = build_model(config.model.name_or_path, raw.label_names,
                         resolve_attention(config.model.attn_implementation, accelerator.device.type),
@@ -120,8 +126,7 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     if config.model.dropout_masks == "fast" and accelerator.device.type == "cpu":
         use_fast_dropout(model)
     if config.train.gradient_checkpointing:
-        # Non-reentrant checkpointing replays the saved RNG state, so recomputed dropout masks are the same.
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
 
     sampler = EpochBatchSampler(tokenized["train"]["length"], config.train.batch_size, config.train.seed,
                                 group_by_length=config.data.group_by_length,
@@ -129,12 +134,14 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
                                 accumulation_steps=config.train.gradient_accumulation_steps)
     # Each DataLoader iterator draws a seed from its generator; with the default (global) one, every
     # epoch start and every evaluation would shift the dropout RNG, so a resumed run would diverge.
+    # On a GPU, batches are copied from pinned memory without blocking: a blocking copy waits for the GPU.
+    on_gpu = accelerator.device.type == "cuda"
     train_dl = torch.utils.data.DataLoader(tokenized["train"], batch_sampler=sampler, collate_fn=collator,
-                                           generator=torch.Generator())
+                                           generator=torch.Generator(), pin_memory=on_gpu)
     # Our sampler already shards across processes: Accelerate only places batches on the device
     # and tracks the end of the epoch for gradient accumulation.
     train_dl = prepare_data_loader(train_dl, device=accelerator.device, num_processes=1, process_index=0,
-                                   put_on_device=True, rng_types=[])
+                                   put_on_device=True, rng_types=[], non_blocking=on_gpu)
     eval_dls = {s: eval_dataloader(tokenized[s], collator, config.eval.eval_batch_size) for s in raw.eval_splits}
 
     total_steps = num_training_steps(len(sampler), config.train.epochs, config.train.gradient_accumulation_steps)
@@ -143,6 +150,7 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     # which would step it once per process (the "N times too fast" schedule).
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
     model, optimizer, *prepared = accelerator.prepare(model, optimizer, *eval_dls.values())
+    mark_cudagraph_steps(model, config.train.compile)
     eval_dls = dict(zip(eval_dls, prepared))
     accelerator.register_for_checkpointing(scheduler)  # saved and restored by save_state/load_state
     run = Run(config=config, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -189,6 +197,7 @@ def train(config: Config) -> dict[str, float]:
     """Fine-tune and evaluate as configured; returns the final evaluation metrics."""
     out = check_output_dir(config)
     accelerator = make_accelerator(config)
+    config = resolve_for_device(config, accelerator.device.type)  # what config.yaml and checkpoints record
     if accelerator.is_main_process:
         ensure_writable(out)
     metrics_log = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process)
