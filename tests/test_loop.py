@@ -177,3 +177,19 @@ def test_fused_adamw_skips_the_whole_update_when_found_inf_is_set():
     opt.found_inf = torch.zeros(())
     opt.step()
     assert not torch.equal(p, before) and float(opt.state[p]["step"]) == 2.0
+
+
+def test_under_loss_scaling_the_stop_policy_leaves_the_skip_to_the_scaler_for_every_later_step():
+    class ScaledAccelerator:  # fp16 on a GPU: Accelerate's GradScaler decides the skip from the gradients
+        num_processes, device, scaler = 1, torch.device("cpu"), object()
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    guard = StepGuard(ScaledAccelerator(), torch.optim.AdamW([p], fused=True), "stop", steps_per_epoch=10)
+    grads = []
+    for step, loss in enumerate([1.0, float("nan"), 1.0], start=1):
+        p.grad = torch.ones(2)
+        guard.check(torch.tensor(loss, dtype=torch.float64), step)
+        grads.append(p.grad.isnan().all().item())
+        assert guard.apply_update and not hasattr(guard.optimizer, "found_inf")
+    assert grads == [False, True, True]
+    assert int(guard.first_bad) == 2 and int(guard.bad_steps) == 2

@@ -9,7 +9,8 @@ in one small reduction on logging steps, before checkpoints and at epoch ends (`
 
 Where that hook is not available the update is still never applied with a bad loss:
 - fp16 with loss scaling: Accelerate's GradScaler owns `found_inf` and skips any step whose gradients
-  are non-finite, which a non-finite loss makes them;
+  are non-finite, which a non-finite loss makes them (under nan_policy stop, the steps after the bad one
+  get NaN gradients so that they are skipped too);
 - an optimizer without the fused kernel: the flag is read at once (one host sync per step).
 
 The learning-rate schedule follows the optimizer step counter and is stepped on skipped steps too: the
@@ -70,7 +71,11 @@ class StepGuard:
             self.halted = bad
         self.bad_steps += bad.long()
         self.first_bad = torch.minimum(self.first_bad, step + (1 - bad.long()) * NO_STEP)
-        if self.scaled:
+        if self.scaled:  # GradScaler skips steps with non-finite gradients; under `stop`, NaN gradients make it
+            if self.nan_policy == "stop":  # skip every step from the bad one on
+                grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+                if grads:
+                    torch._foreach_mul_(grads, torch.where(bad > 0, float("nan"), 1.0))
             self.apply_update = True
         elif self.on_device:
             self.optimizer.found_inf = bad  # read by the fused kernel, float32 0/1 on the parameters' device
