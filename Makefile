@@ -20,12 +20,16 @@ test: install
 # The suite with the lowest torch, transformers, accelerate and datasets pyproject.toml allows, in a fresh
 # virtual environment (git-ignored): proves the lower bounds. torch from PyPI is a CUDA build (~3 GB with its
 # nvidia wheels); it runs on CPUs.
-test-min:
+test-min: $(VENV_MIN)/.installed
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH= $(VENV_MIN)/bin/python -m pytest -q
+
+# Rebuilt from nothing whenever the lowest versions or the dependencies change.
+$(VENV_MIN)/.installed: constraints-min.txt pyproject.toml
 	rm -rf $(VENV_MIN)
 	$(PYTHON) -m venv $(VENV_MIN)
 	$(VENV_MIN)/bin/pip install -q -e ".[dev]" -c constraints-min.txt
 	$(VENV_MIN)/bin/python -c "import torch, transformers, accelerate, datasets as d; print('test-min:', torch.__version__, transformers.__version__, accelerate.__version__, d.__version__)"
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH= $(VENV_MIN)/bin/python -m pytest -q
+	touch $@
 
 bench: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) benchmarks/bench.py

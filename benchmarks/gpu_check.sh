@@ -24,7 +24,7 @@ status=0
 stage() {  # stage NAME MAX_SECONDS COMMAND...: run with the smaller of its limit and the time left
   local name=$1 limit=$2; shift 2
   local t; t=$(left); (( t < limit )) && limit=$t
-  if (( limit < 20 )); then echo "gpu_check: $name skipped: no time left" | tee -a "$OUT/summary.txt"; return; fi
+  if (( limit < 20 )); then echo "gpu_check: $name skipped: no time left" | tee -a "$OUT/summary.txt"; status=1; return; fi
   echo "gpu_check: $name (up to ${limit} s): $*"
   local s; s=$(date +%s)
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -33,7 +33,7 @@ stage() {  # stage NAME MAX_SECONDS COMMAND...: run with the smaller of its limi
   (( rc == 0 )) || status=1
   tail -n 3 "$OUT/$name.log"
 }
-: > "$OUT/summary.txt"
+: > "$OUT/summary.txt"; rm -f "$OUT"/{minilm,bert-base,compiled}.json  # never report an earlier run's rows
 $PY -c "import torch; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU (no CUDA)')" \
   | tee -a "$OUT/summary.txt"
 
