@@ -63,6 +63,7 @@ class Run:
     tokenizer: Any = None
     raw: Any = None  # tuneloop.data.RawData
     stop: StopRequest = field(default_factory=lambda: StopRequest(announce=False))
+    rank_budget: Any = None  # tuneloop.adapters.AdaLoraBudget for AdaLoRA runs
 
 
 def run_evaluation(run: Run) -> dict[str, float]:
@@ -129,6 +130,8 @@ def train_loop(run: Run) -> dict[str, float]:
                         if cfg.optim.max_grad_norm:
                             accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
                         optimizer.step()
+                        if run.rank_budget is not None:  # AdaLoRA scores this step's gradients, then masks ranks
+                            run.rank_budget.step(state.step)
                         if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule aligned
                             scheduler.step()
                         loss_sum += window_loss
