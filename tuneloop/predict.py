@@ -45,17 +45,25 @@ def read_inputs(source: str) -> pd.DataFrame:
     return df
 
 
-def predict_rows(model_dir: str, df: pd.DataFrame, batch_size: int = 32, max_length: int = 512,
-                 quantize: str | None = None) -> Iterator[dict]:
-    """Predictions in input order; batches are formed from length-sorted rows, so padding stays small."""
+def load_for_prediction(model_dir: str, quantize: str | None = None):
+    """(model in eval mode, tokenizer) from any saved folder; `quantize="int8"`: dynamic int8 Linear layers."""
     from tuneloop.export import check_quantize, load_saved_model, quantize_dynamic_int8
 
     check_quantize(quantize)
     path = resolve_model_path(model_dir)
     tokenizer = build_tokenizer(path)
     model = load_saved_model(path).eval()
-    if quantize == "int8":
-        model = quantize_dynamic_int8(model)
+    return (quantize_dynamic_int8(model) if quantize == "int8" else model), tokenizer
+
+
+def predict_rows(model_dir: str, df: pd.DataFrame, batch_size: int = 32, max_length: int = 512,
+                 quantize: str | None = None) -> Iterator[dict]:
+    """Predictions in input order; batches are formed from length-sorted rows, so padding stays small."""
+    model, tokenizer = load_for_prediction(model_dir, quantize)
+    yield from predict_with(model, tokenizer, df, batch_size, max_length)
+
+
+def predict_with(model, tokenizer, df: pd.DataFrame, batch_size: int = 32, max_length: int = 512) -> list[dict]:
     id2label = model.config.id2label
     regression = model.config.problem_type == "regression"
     texts = df["text"].astype(str).tolist()
@@ -79,7 +87,7 @@ def predict_rows(model_dir: str, df: pd.DataFrame, batch_size: int = 32, max_len
                 results[i] = row
             progress.update(len(rows))
     progress.close()
-    yield from results
+    return results
 
 
 def write_predictions(rows: Iterator[dict], out: TextIO) -> int:
