@@ -74,6 +74,8 @@ def train_row(row: str, seed: int, args) -> dict[str, Any]:
     out_dir = run_dir / "out"
     cmd = [sys.executable, "-m", "tuneloop", "train", "--task", "mrpc", "--data-dir", args.data_dir,
            "--output-dir", str(out_dir), "--seed", str(seed), *flags]
+    if args.model:
+        cmd += ["--model", args.model]
     if args.max_train_samples:
         cmd += ["--max-train-samples", str(args.max_train_samples), "--epochs", str(args.epochs)]
     print(f"[{row} seed {seed}] running (log: {run_dir}/log.txt)", flush=True)
@@ -237,6 +239,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-predict", action="store_true", help="skip the fp32/int8 prediction rows")
     parser.add_argument("--quick", action="store_true", help="smoke check: 256 training examples, 1 epoch, seed 0")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--model", default=None, help="model of every row (default: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--work-dir", default=None, help="outputs and logs (default: benchmarks/runs/efficiency-<time>)")
     parser.add_argument("--out", default=None, help="JSON results (default: benchmarks/results-efficiency.json)")
     args = parser.parse_args(argv)
@@ -255,32 +258,48 @@ def parse_args(argv=None):
     return args
 
 
+def plan(args) -> list[tuple[str, int]]:
+    """Seed by seed: every row's first seed (and the prediction rows) before any row's second, so a run cut
+    short still has one of everything."""
+    steps = []
+    for i, seed in enumerate(args.seeds):
+        steps += [(row, seed) for row in args.rows if i == 0 or TRAIN_ROWS[row][1] == "all"]
+        if i == 0 and "full" in args.rows and not args.no_predict:
+            steps.insert(steps.index(("full", seed)) + 1, ("predict", seed))
+    return steps
+
+
+def report(args, runs, predictions, started, final: bool) -> str:
+    summary = {row: summarise([r for r in runs if r["row"] == row]) for row in args.rows}
+    table, verdicts = tables(summary, predictions), targets(summary, predictions)
+    result = {"created": dt.datetime.now().isoformat(timespec="seconds"), "command": [sys.executable, *sys.argv],
+              "complete": final, "quick": args.quick, "seeds": args.seeds, "machine": machine_info(),
+              "summary": summary, "predictions": predictions, "targets": verdicts, "table_markdown": table,
+              "seconds": time.perf_counter() - started, "runs": runs}
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")  # after every run: a cut-short run keeps its rows
+    return table + "\n\n" + "\n".join(verdicts)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     args.work_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    runs = []
-    for row in args.rows:
-        seeds = args.seeds if TRAIN_ROWS[row][1] == "all" else args.seeds[:1]
-        runs += [train_row(row, seed, args) for seed in seeds]
-    summary = {row: summarise([r for r in runs if r["row"] == row]) for row in args.rows}
-    predictions = []
-    first_full = next((r for r in runs if r["row"] == "full" and r["returncode"] == 0), None)
-    if first_full and not args.no_predict:
-        predictions = predict_rows_bench(Path(first_full["model_dir"]), args)
-    table, verdicts = tables(summary, predictions), targets(summary, predictions)
-    print("\n" + table + "\n\n" + "\n".join(verdicts))
+    runs, predictions = [], []
+    for row, seed in plan(args):
+        if row == "predict":
+            first_full = next((r for r in runs if r["row"] == "full" and r["returncode"] == 0), None)
+            predictions = predict_rows_bench(Path(first_full["model_dir"]), args) if first_full else []
+        else:
+            runs.append(train_row(row, seed, args))
+        text = report(args, runs, predictions, started, final=False)
+    text = report(args, runs, predictions, started, final=True)
+    print("\n" + text)
     loads = [r["load_average_before"] for r in runs]
     if loads and max(loads) > (os.cpu_count() or 1):
         print(f"\nWarning: 1-minute load average up to {max(loads):.1f} on {os.cpu_count()} CPUs before a row: "
               f"other work shared the machine; absolute throughput is disturbed (ratios less so).")
-    result = {"created": dt.datetime.now().isoformat(timespec="seconds"), "command": [sys.executable, *sys.argv],
-              "quick": args.quick, "seeds": args.seeds, "machine": machine_info(), "summary": summary,
-              "predictions": predictions, "targets": verdicts, "table_markdown": table,
-              "seconds": time.perf_counter() - started, "runs": runs}
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"\nwrote {args.out} ({result['seconds'] / 60:.1f} min)")
+    print(f"\nwrote {args.out} ({(time.perf_counter() - started) / 60:.1f} min)")
     return 0 if all(r["returncode"] == 0 for r in runs + predictions) else 1
 
 
