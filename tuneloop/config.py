@@ -265,7 +265,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     for section, values in raw.items():
         if section not in SECTIONS:
             hint = _suggest(section, SECTIONS)
-            if section in short_names():
+            if section in short_names() and not hint:  # a section's own near-namesake first ('optimizer')
                 hint = f" (did you mean '{short_names()[section]}'?)"
             raise ConfigError(f"unknown config section '{section}'{hint}")
         if values is None:
