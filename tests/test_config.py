@@ -88,7 +88,7 @@ def test_every_short_flag_of_the_issue_exists(capsys):
 def test_every_shipped_recipe_is_a_valid_config_and_loads_by_name():
     from tuneloop.config import RECIPES_DIR, recipe_names
 
-    assert recipe_names() == ["classic", "fast"]
+    assert recipe_names() == ["classic", "fast", "lora"]
     for name in recipe_names():
         assert load_config(name) == load_config(RECIPES_DIR / f"{name}.yaml")
     assert load_config("fast").train.batch_size == 32
@@ -97,7 +97,7 @@ def test_every_shipped_recipe_is_a_valid_config_and_loads_by_name():
 
 
 def test_unknown_recipe_name_lists_the_built_in_ones():
-    with pytest.raises(ConfigError, match=r"built-in recipes: classic, fast.*did you mean 'fast'"):
+    with pytest.raises(ConfigError, match=r"built-in recipes: classic, fast, lora.*did you mean 'fast'"):
         load_config("fsat")
 
 
@@ -105,3 +105,8 @@ def test_attention_dropout_must_be_a_probability():
     assert load_config(None, {"model.attention_dropout": "0"}).model.attention_dropout == 0.0
     with pytest.raises(ConfigError, match=r"model.attention_dropout: must be in \[0, 1\) or null, got 1.0"):
         load_config(None, {"model.attention_dropout": "1"})
+
+
+def test_lora_recipe_trains_adapters_with_a_larger_learning_rate():
+    config = load_config("lora")
+    assert config.peft.method == "lora" and config.optim.learning_rate > load_config(None).optim.learning_rate

@@ -56,3 +56,89 @@ def test_linear_schedule_warms_up_and_ends_at_zero():
 def test_warmup_longer_than_training_is_refused():
     with pytest.raises(ConfigError, match="warmup .* is not shorter than training"):
         build_scheduler(build_optimizer(_model(), OptimConfig()), OptimConfig(warmup_steps=50), total_steps=50)
+
+
+def _first_step_moves(model, cfg):
+    """Adam's first step moves every weight by lr (m / sqrt(v) = sign of the gradient): the lr each group uses."""
+    opt = build_optimizer(model, cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.full_like(p, 0.5)
+    opt.step()
+    return {n: (p.detach() - before[n]).abs().mean().item() for n, p in model.named_parameters() if n in before}
+
+
+def test_head_learning_rate_is_what_the_optimizer_uses():
+    moves = _first_step_moves(_model(), OptimConfig(learning_rate=1e-3, head_learning_rate=1e-2, weight_decay=0.0))
+    for name, move in moves.items():
+        assert move == pytest.approx(1e-2 if name.startswith("classifier.") else 1e-3, rel=1e-3), name
+    # The schedule scales each group from its own peak: the head stays 10x the body through warmup.
+    model = _model()
+    cfg = OptimConfig(learning_rate=1e-3, head_learning_rate=1e-2, warmup_steps=4)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, total_steps=10)
+    opt.step()
+    sched.step()
+    assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx([0.25e-3, 0.25e-2])
+    assert sched.get_last_lr()[0] == pytest.approx(0.25e-3)  # the logged lr is the body's
+
+
+def test_loraplus_ratio_speeds_up_b_matrices_only():
+    from tuneloop.adapters import prepare_model
+    from tuneloop.config import PeftConfig
+
+    model = prepare_model(_model(), PeftConfig(method="lora", lora_rank=2), num_training_steps=10)
+    moves = _first_step_moves(model, OptimConfig(learning_rate=1e-3, loraplus_lr_ratio=16, weight_decay=0.0))
+    assert any(".lora_B." in n for n in moves) and any(".lora_A." in n for n in moves)
+    for name, move in moves.items():
+        assert move == pytest.approx(16e-3 if ".lora_B." in name else 1e-3, rel=1e-3), name
+    assert not any("embeddings" in n or "LayerNorm" in n for n in moves)  # frozen: not in any group
+
+
+def test_adamw_8bit_trains_or_names_what_is_missing(monkeypatch):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="needs bitsandbytes, which is not installed"):
+            build_optimizer(_model(), OptimConfig(name="adamw_8bit"))
+        return
+    def train(name):
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=1,
+                                                         num_attention_heads=2, intermediate_size=128))
+        opt = build_optimizer(model, OptimConfig(name=name, learning_rate=1e-3))
+        ids, labels = torch.randint(0, 50, (8, 12)), torch.randint(0, 2, (8,))
+        losses = []
+        for _ in range(15):
+            loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        return model, opt, losses
+
+    model, opt, losses = train("adamw_8bit")
+    assert type(opt).__name__ == "AdamW8bit"
+    _, _, reference = train("adamw")
+    assert losses[-1] < 0.6 * losses[0]
+    assert losses[-1] == pytest.approx(reference[-1], abs=0.1)  # follows 32-bit AdamW's trajectory
+    # Large matrices keep their Adam moments in 8 bits (small ones stay 32-bit, as bitsandbytes decides).
+    state = opt.state[model.bert.encoder.layer[0].intermediate.dense.weight]
+    assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
+    # Without bitsandbytes: one line naming the package and how to install it.
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)
+    with pytest.raises(ConfigError, match=r"needs bitsandbytes, which is not installed: pip install"):
+        build_optimizer(_model(), OptimConfig(name="adamw_8bit"))
+
+
+def test_adamw_8bit_on_a_device_without_kernels_fails_in_one_line(monkeypatch):
+    bnb = pytest.importorskip("bitsandbytes")
+
+    def no_kernel(self, *args, **kwargs):
+        raise RuntimeError("no kernel registered for device\nsecond line")
+
+    monkeypatch.setattr(bnb.optim.AdamW8bit, "step", no_kernel)
+    with pytest.raises(ConfigError, match=r"has no 8-bit AdamW for device cpu \(no kernel registered for device\); "
+                                          r"use --optimizer adamw$"):
+        build_optimizer(_model(), OptimConfig(name="adamw_8bit"))

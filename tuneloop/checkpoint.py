@@ -32,7 +32,7 @@ FINGERPRINT_FILE = "fingerprint.json"
 # Settings that may change between an interrupted run and its resume without breaking exactness.
 RESUME_SAFE = {"output.output_dir", "output.overwrite", "checkpoint.resume", "checkpoint.resume_force",
                "checkpoint.keep_last", "checkpoint.keep_best", "checkpoint.checkpoint_every",
-               "checkpoint.checkpoint_every_epoch", "train.log_every", "eval.eval_batch_size", "data.cache_dir",
+               "checkpoint.checkpoint_every_epoch", "train.log_every", "peft.merge_adapter", "eval.eval_batch_size", "data.cache_dir",
                # Where and how the processes meet; their number is compared as num_processes.
                "launch.num_processes", "launch.num_machines", "launch.machine_rank", "launch.main_process_ip",
                "launch.main_process_port", "launch.timeout", "launch.accelerate_config"}
@@ -247,7 +247,8 @@ def resume(run, requested: str, force: bool) -> Path:
     if changes and not force:
         raise TuneloopError(f"cannot resume exactly from {path}: " + "; ".join(changes)
                             + " (pass --resume-force to resume anyway)")
-    run.accelerator.load_state(str(path))
+    # Adapter runs checkpoint only what trains; the frozen base comes from its source as at the start.
+    run.accelerator.load_state(str(path), strict=run.config.peft.method == "none")
     run.state.load_state_dict({k: v for k, v in record.items() if k not in ("metric", "main_metric")})
     truncate_log(run.log, run.state.step)
     if changes:

@@ -1,4 +1,4 @@
-"""Command line: `tuneloop train | eval | predict | data`. Config flags are generated from the dataclasses."""
+"""Command line: `tuneloop train | eval | predict | export | data`. Config flags are generated from the dataclasses."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="tuneloop", allow_abbrev=False,
                     description="Fine-tune and evaluate Hugging Face sequence classifiers with one visible loop.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,predict,data}", parser_class=Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,predict,export,data}", parser_class=Parser)
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", metavar="FILE", help="YAML file with config sections, or a built-in recipe name (classic, fast); flags override it")
@@ -81,7 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", required=True, metavar="FILE|-", help="JSONL or CSV with 'text' (and 'text_pair'); - for stdin")
     pr.add_argument("--output", metavar="FILE", help="write JSON lines here instead of stdout")
     pr.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default: 32)")
+    pr.add_argument("--quantize", metavar="int8", help="int8: dynamic int8 Linear layers on CPU (faster, see README)")
     pr.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+    ex = sub.add_parser("export", help="write a standalone (optionally int8) model folder", allow_abbrev=False)
+    ex.add_argument("--model-dir", required=True, metavar="DIR", help="saved model folder (OUT/model or OUT/model-merged)")
+    ex.add_argument("--output-dir", required=True, metavar="DIR", help="folder to write (adapters merged, tokenizer included)")
+    ex.add_argument("--quantize", metavar="int8", help="int8: int8 Linear weights via torchao (loading needs torchao)")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    ex.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
     data = sub.add_parser("data", help="show what the training loop will see", allow_abbrev=False)
     common(data)
@@ -106,6 +114,12 @@ def quiet_libraries(debug: bool) -> None:
     transformers.utils.logging.disable_progress_bar()  # weight loading/saving bars; ours stays
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+    # PEFT imports torchao and bitsandbytes when installed; both log about optional GPU/4-bit kernels we never use.
+    for name in ("torchao", "bitsandbytes", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     if not launch.is_main_process():  # in a job of several processes, process 0 speaks for all; errors still show
         import warnings
 
@@ -153,11 +167,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from tuneloop.predict import predict
 
+    from tuneloop.export import check_quantize
+
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: must be at least 1, got {args.batch_size}")
-    count = predict(args.model_dir, args.input, args.output, args.batch_size)
+    check_quantize(args.quantize)
+    count = predict(args.model_dir, args.input, args.output, args.batch_size, quantize=args.quantize)
     if args.output:
         print(f"wrote {count} predictions to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tuneloop.export import export, folder_size
+
+    out = export(args.model_dir, args.output_dir, args.quantize, overwrite=args.overwrite)
+    print(f"wrote {out} ({folder_size(out) / 2**20:.1f} MiB"
+          + (", int8 weights: loading needs transformers and torchao)" if args.quantize else ")"), file=sys.stderr)
     return 0
 
 
@@ -177,13 +203,14 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "data": cmd_data}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "data": cmd_data}
 
 
 def _unknown_option_error(argv: list[str], command: str | None) -> None:
     """Name the closest valid flag for a typo, before argparse's generic message."""
     known = {f"--{p}" for p in field_paths()} | {f"--{n.replace('_', '-')}" for n in short_names()}
-    known |= {"--config", "--print-config", "--debug", "--model-dir", "--input", "--output", "--batch-size"}
+    known |= {"--config", "--print-config", "--debug", "--model-dir", "--input", "--output", "--batch-size",
+              "--quantize", "--output-dir", "--overwrite"}
     for token in argv:
         if token.startswith("--"):
             name = token.split("=", 1)[0]

@@ -74,6 +74,11 @@ class OptimConfig:
     lr_scheduler: str = _f("linear", "schedule name for transformers.get_scheduler (linear, cosine, constant_with_warmup, ...)")
     warmup_ratio: float = _f(0.0, "warmup as a fraction of all optimizer steps")
     warmup_steps: int = _f(0, "warmup in optimizer steps (overrides warmup_ratio when > 0)")
+    name: Literal["adamw", "adamw_8bit"] = _f("adamw", "optimizer: adamw (torch, fp32 states) or adamw_8bit (bitsandbytes, "
+                                                       "8-bit states: a quarter of the optimizer memory)")
+    head_learning_rate: float | None = _f(None, "learning rate of the classifier head (null: learning_rate)")
+    loraplus_lr_ratio: float | None = _f(None, "LoRA+: adapters' B matrices learn at learning_rate x this ratio "
+                                               "(null: off; the LoRA+ paper uses 16)")
 
 
 @dataclass
@@ -125,6 +130,26 @@ class LaunchConfig:
 
 
 @dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning through PEFT (tuneloop.adapters): the base model frozen, adapters and head trained."""
+
+    method: Literal["none", "lora", "adalora"] = _f("none", "none (every weight trains), lora or adalora")
+    lora_rank: int = _f(8, "rank r of each LoRA update (AdaLoRA: see adalora_init_rank)")
+    lora_alpha: float = _f(16.0, "LoRA scaling alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = _f(0.1, "dropout on the adapters' input")
+    lora_target_modules: list[str] | None = _f(None, "Linear layers to adapt, by name (null: found from the model: "
+                                                     "BERT/ELECTRA query,key,value,dense; DistilBERT q_lin,...,lin2; "
+                                                     "else every Linear layer outside the head)")
+    adalora_init_rank: int = _f(8, "AdaLoRA: rank every adapted layer starts with")
+    adalora_target_rank: int = _f(4, "AdaLoRA: average rank left per layer once the budget has shrunk")
+    adalora_warmup_fraction: float = _f(0.1, "AdaLoRA: share of optimizer steps trained at the initial budget")
+    adalora_final_fraction: float = _f(0.2, "AdaLoRA: share of optimizer steps trained at the final budget")
+    adalora_update_every: int = _f(10, "AdaLoRA: reallocate ranks every N optimizer steps while the budget shrinks")
+    merge_adapter: bool = _f(False, "also write OUT/model-merged/: adapters merged into the weights, loadable by "
+                                    "plain transformers.pipeline")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -134,6 +159,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -146,7 +172,8 @@ SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}
 SECTIONS = {name: globals()[t] if isinstance(t, str) else t for name, t in SECTIONS.items()}
 
 # Short flags users type most that are not simply a field's own name.
-ALIASES: dict[str, str] = {"model": "model.name_or_path", "model_dir": "model.name_or_path"}
+ALIASES: dict[str, str] = {"model": "model.name_or_path", "model_dir": "model.name_or_path", "peft": "peft.method",
+                           "optimizer": "optim.name"}
 
 
 def field_paths() -> dict[str, dataclasses.Field]:
@@ -240,7 +267,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     for section, values in raw.items():
         if section not in SECTIONS:
             hint = _suggest(section, SECTIONS)
-            if section in short_names():
+            if section in short_names() and not hint:  # a section's own near-namesake first ('optimizer')
                 hint = f" (did you mean '{short_names()[section]}'?)"
             raise ConfigError(f"unknown config section '{section}'{hint}")
         if values is None:
@@ -409,3 +436,36 @@ def validate(config: Config) -> None:
         raise ConfigError("launch.main_process_ip: several machines need the address of machine 0 (--main-process-ip)")
     if la.main_process_port is not None and not 0 < la.main_process_port < 65536:
         raise ConfigError(f"launch.main_process_port: must be a port number (1-65535), got {la.main_process_port}")
+    validate_peft(config)
+
+
+def validate_peft(config: Config) -> None:
+    p, o = config.peft, config.optim
+    if o.head_learning_rate is not None and o.head_learning_rate <= 0:
+        raise ConfigError(f"optim.head_learning_rate: must be positive or null, got {o.head_learning_rate}")
+    if o.loraplus_lr_ratio is not None and o.loraplus_lr_ratio <= 0:
+        raise ConfigError(f"optim.loraplus_lr_ratio: must be positive or null, got {o.loraplus_lr_ratio}")
+    if p.method == "none":
+        if p.merge_adapter:
+            raise ConfigError("peft.merge_adapter: there is no adapter to merge; add --peft lora (or adalora)")
+        if o.loraplus_lr_ratio is not None:
+            raise ConfigError("optim.loraplus_lr_ratio: applies to LoRA adapters; add --peft lora (or adalora)")
+        return
+    for key, value in {"peft.lora_rank": p.lora_rank, "peft.adalora_init_rank": p.adalora_init_rank,
+                       "peft.adalora_target_rank": p.adalora_target_rank,
+                       "peft.adalora_update_every": p.adalora_update_every}.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if p.lora_alpha <= 0:
+        raise ConfigError(f"peft.lora_alpha: must be positive, got {p.lora_alpha}")
+    if not 0 <= p.lora_dropout < 1:
+        raise ConfigError(f"peft.lora_dropout: must be in [0, 1), got {p.lora_dropout}")
+    if p.lora_target_modules is not None and not p.lora_target_modules:
+        raise ConfigError("peft.lora_target_modules: give at least one module name, or null to find them from the model")
+    if p.adalora_target_rank > p.adalora_init_rank:
+        raise ConfigError(f"peft.adalora_target_rank: must not exceed adalora_init_rank ({p.adalora_init_rank}), "
+                          f"got {p.adalora_target_rank}")
+    if not (0 <= p.adalora_warmup_fraction and 0 <= p.adalora_final_fraction
+            and p.adalora_warmup_fraction + p.adalora_final_fraction < 1):
+        raise ConfigError("peft.adalora_warmup_fraction/adalora_final_fraction: must be non-negative with a sum below 1, "
+                          f"got {p.adalora_warmup_fraction} and {p.adalora_final_fraction}")

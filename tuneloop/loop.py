@@ -63,6 +63,7 @@ class Run:
     tokenizer: Any = None
     raw: Any = None  # tuneloop.data.RawData
     stop: StopRequest = field(default_factory=lambda: StopRequest(announce=False))
+    rank_budget: Any = None  # tuneloop.adapters.AdaLoraBudget for AdaLoRA runs
 
 
 def run_evaluation(run: Run) -> dict[str, float]:
@@ -127,6 +128,8 @@ def train_loop(run: Run) -> dict[str, float]:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
                     if guard.apply_update:
                         optimizer.step()
+                        if run.rank_budget is not None:  # AdaLoRA scores this step's gradients, then masks ranks
+                            run.rank_budget.step(state.step)
                     guard.after_step()
                     scheduler.step()  # also on a skipped step: the LR follows the step counter (tuneloop.guard)
                     loss_sum += window_loss.nan_to_num(0.0, 0.0, 0.0) * keep

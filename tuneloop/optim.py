@@ -1,4 +1,5 @@
-"""AdamW with decoupled weight decay (none on biases and LayerNorm weights) and the LR schedule."""
+"""AdamW (torch, or 8-bit from bitsandbytes) with decoupled weight decay (none on biases and LayerNorm
+weights), per-group learning rates (classifier head, LoRA+ B matrices) and the LR schedule."""
 
 from __future__ import annotations
 
@@ -28,14 +29,71 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW as one fused kernel where PyTorch has it for the parameters' device, else multi-tensor."""
-    groups = param_groups(model, cfg.weight_decay)
+def head_parameter_ids(model: torch.nn.Module) -> set[int]:
+    """The classifier head's parameters (under PEFT: its trained copy), found as the model's non-encoder children."""
+    from tuneloop.adapters import head_module_names
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {id(p) for name in head_module_names(base) for p in getattr(base, name).parameters()}
+
+
+def learning_rate_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
+    """`param_groups` split further by learning rate: the body, the head (head_learning_rate) and LoRA+ B
+    matrices (learning_rate x loraplus_lr_ratio). The body's decayed group stays first: it is the one logged."""
+    head = head_parameter_ids(model) if cfg.head_learning_rate is not None else set()
+    lora_b = ({id(p) for n, p in model.named_parameters() if ".lora_B." in n}
+              if cfg.loraplus_lr_ratio is not None else set())
+
+    def lr_of(p):
+        if id(p) in head:
+            return cfg.head_learning_rate
+        if id(p) in lora_b:
+            return cfg.learning_rate * cfg.loraplus_lr_ratio
+        return cfg.learning_rate
+
+    groups = []
+    for base in param_groups(model, cfg.weight_decay):
+        by_lr: dict[float, list] = {}
+        for p in base["params"]:
+            by_lr.setdefault(lr_of(p), []).append(p)
+        for lr in sorted(by_lr, key=lambda v: v != cfg.learning_rate):
+            groups.append({"params": by_lr[lr], "weight_decay": base["weight_decay"], "lr": lr})
+    return groups
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device | str = "cpu") -> torch.optim.Optimizer:
+    """AdamW as one fused kernel where PyTorch has it for the parameters' device, else multi-tensor;
+    `adamw_8bit`: bitsandbytes' blockwise 8-bit AdamW, checked to run on `device` first."""
+    groups = learning_rate_groups(model, cfg)
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    if cfg.name == "adamw_8bit":
+        return adamw_8bit(groups, kwargs, torch.device(device))
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, ValueError):  # e.g. a device or dtype without a fused implementation
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def adamw_8bit(groups: list[dict], kwargs: dict, device: torch.device) -> torch.optim.Optimizer:
+    import logging
+
+    try:
+        # bitsandbytes logs about optional 4-bit CPU kernels on import; 8-bit AdamW does not use them.
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError("optim.name adamw_8bit needs bitsandbytes, which is not installed: "
+                          "pip install 'tuneloop[bnb]' (or pip install bitsandbytes)") from None
+    # One step on a probe tensor: bitsandbytes raises only at step time where it has no kernel for the device.
+    probe = torch.zeros(4096, device=device, requires_grad=True)
+    probe.grad = torch.ones_like(probe)
+    try:
+        bnb.optim.AdamW8bit([probe], lr=1e-3).step()
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"optim.name adamw_8bit: bitsandbytes {bnb.__version__} has no 8-bit AdamW for device "
+                          f"{device.type} ({first}); use --optimizer adamw") from None
+    return bnb.optim.AdamW8bit(groups, **kwargs)
 
 
 def num_training_steps(batches_per_epoch: int, epochs: int, accumulation_steps: int) -> int:

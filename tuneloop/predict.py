@@ -15,10 +15,13 @@ from typing import Iterator, TextIO
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from tuneloop.data import read_table
 from tuneloop.errors import DataError
 from tuneloop.model import build_tokenizer, resolve_model_path
+
+PROGRESS_MIN_ROWS = 1000  # below this a run takes seconds and a bar is noise
 
 
 def read_inputs(source: str) -> pd.DataFrame:
@@ -42,29 +45,49 @@ def read_inputs(source: str) -> pd.DataFrame:
     return df
 
 
-def predict_rows(model_dir: str, df: pd.DataFrame, batch_size: int = 32, max_length: int = 512) -> Iterator[dict]:
-    from transformers import AutoModelForSequenceClassification
+def load_for_prediction(model_dir: str, quantize: str | None = None):
+    """(model in eval mode, tokenizer) from any saved folder; `quantize="int8"`: dynamic int8 Linear layers."""
+    from tuneloop.export import check_quantize, load_saved_model, quantize_dynamic_int8
 
+    check_quantize(quantize)
     path = resolve_model_path(model_dir)
     tokenizer = build_tokenizer(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    model = load_saved_model(path).eval()
+    return (quantize_dynamic_int8(model) if quantize == "int8" else model), tokenizer
+
+
+def predict_rows(model_dir: str, df: pd.DataFrame, batch_size: int = 32, max_length: int = 512,
+                 quantize: str | None = None) -> Iterator[dict]:
+    """Predictions in input order; batches are formed from length-sorted rows, so padding stays small."""
+    model, tokenizer = load_for_prediction(model_dir, quantize)
+    yield from predict_with(model, tokenizer, df, batch_size, max_length)
+
+
+def predict_with(model, tokenizer, df: pd.DataFrame, batch_size: int = 32, max_length: int = 512) -> list[dict]:
     id2label = model.config.id2label
     regression = model.config.problem_type == "regression"
     texts = df["text"].astype(str).tolist()
     pairs = df["text_pair"].astype(str).tolist() if "text_pair" in df.columns else None
+    encoded = tokenizer(texts, pairs, truncation=True, max_length=min(max_length, tokenizer.model_max_length))
+    order = sorted(range(len(texts)), key=lambda i: -len(encoded["input_ids"][i]))
+    results: list[dict | None] = [None] * len(texts)
+    progress = tqdm(total=len(texts), desc="predict", unit="row", disable=len(texts) < PROGRESS_MIN_ROWS,
+                    file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 30)
     with torch.inference_mode():
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i: i + batch_size], pairs[i: i + batch_size] if pairs else None,
-                            truncation=True, max_length=min(max_length, tokenizer.model_max_length),
-                            padding=True, return_tensors="pt")
-            logits = model(**enc).logits.float()
+        for start in range(0, len(order), batch_size):
+            rows = order[start: start + batch_size]
+            batch = tokenizer.pad([{k: encoded[k][i] for k in encoded} for i in rows], return_tensors="pt")
+            logits = model(**batch).logits.float()
             if regression:
-                for value in logits[:, 0].tolist():
-                    yield {"label": id2label[0], "score": value}
+                out = [{"label": id2label[0], "score": v} for v in logits[:, 0].tolist()]
             else:
                 scores, ids = logits.softmax(-1).max(-1)
-                for label_id, score in zip(ids.tolist(), scores.tolist()):
-                    yield {"label": id2label[label_id], "score": score}
+                out = [{"label": id2label[i], "score": s} for i, s in zip(ids.tolist(), scores.tolist())]
+            for i, row in zip(rows, out):
+                results[i] = row
+            progress.update(len(rows))
+    progress.close()
+    return results
 
 
 def write_predictions(rows: Iterator[dict], out: TextIO) -> int:
@@ -75,9 +98,10 @@ def write_predictions(rows: Iterator[dict], out: TextIO) -> int:
     return count
 
 
-def predict(model_dir: str, source: str, output: str | None = None, batch_size: int = 32) -> int:
+def predict(model_dir: str, source: str, output: str | None = None, batch_size: int = 32,
+            quantize: str | None = None) -> int:
     df = read_inputs(source)
-    rows = predict_rows(model_dir, df, batch_size)
+    rows = predict_rows(model_dir, df, batch_size, quantize=quantize)
     if output:
         target = Path(output)
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from tuneloop.adapters import (describe_parameters, is_adapter_dir, keep_trainable_in_checkpoints, load_adapter_model,
+                               prepare_model, rank_budget, save_adapter, save_merged)
 from tuneloop.batching import EpochBatchSampler
 from tuneloop.checkpoint import resume
 from tuneloop.config import Config
@@ -145,7 +147,9 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     eval_dls = {s: eval_dataloader(tokenized[s], collator, config.eval.eval_batch_size) for s in raw.eval_splits}
 
     total_steps = num_training_steps(len(sampler), config.train.epochs, config.train.gradient_accumulation_steps)
-    optimizer = build_optimizer(model, config.optim)
+    model = prepare_model(model, config.peft, total_steps)  # LoRA / AdaLoRA: frozen base, adapters and head train
+    budget = rank_budget(model)
+    optimizer = build_optimizer(model, config.optim, accelerator.device)
     # The scheduler is stepped by the loop once per optimizer step and never handed to Accelerate,
     # which would step it once per process (the "N times too fast" schedule).
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
@@ -153,23 +157,37 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     mark_cudagraph_steps(model, config.train.compile)
     eval_dls = dict(zip(eval_dls, prepared))
     accelerator.register_for_checkpointing(scheduler)  # saved and restored by save_state/load_state
+    if budget is not None:
+        accelerator.register_for_checkpointing(budget)
+    if config.peft.method != "none":
+        keep_trainable_in_checkpoints(accelerator)
     run = Run(config=config, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
               train_dataloader=train_dl, train_sampler=sampler, eval_dataloaders=eval_dls, metrics=raw.metrics,
               main_metric=raw.main_metric, is_regression=raw.is_regression, num_training_steps=total_steps,
-              log=log_fn, state=state, tokenizer=tokenizer, raw=raw)
+              log=log_fn, state=state, tokenizer=tokenizer, raw=raw, rank_budget=budget)
     return run
 
 
 def save_model(run: Run, out: Path) -> Path:
-    """save_pretrained + tokenizer, written beside and renamed into place so a crash leaves no half model."""
-    target = out / "model"
-    tmp = out / "model.tmp"
+    """save_pretrained + tokenizer (adapter runs: adapter + head; model-merged/ on request)."""
+    model = run.accelerator.unwrap_model(run.model)
+    if run.config.peft.method == "none":
+        return save_atomically(out / "model", lambda tmp: (model.save_pretrained(tmp, safe_serialization=True),
+                                                           run.tokenizer.save_pretrained(tmp)))
+    target = save_atomically(out / "model", lambda tmp: save_adapter(model, run.tokenizer, tmp))
+    if run.config.peft.merge_adapter:
+        save_atomically(out / "model-merged", lambda tmp: save_merged(model, run.tokenizer, tmp))
+    return target
+
+
+def save_atomically(target: Path, write) -> Path:
+    """Written beside and renamed into place, so a crash leaves no half model."""
+    out = target.parent
+    tmp = out / f"{target.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model = run.accelerator.unwrap_model(run.model)
-    model.save_pretrained(tmp, safe_serialization=True)
-    run.tokenizer.save_pretrained(tmp)
-    old = out / "model.old"
+    write(tmp)
+    old = out / f"{target.name}.old"
     if target.exists():
         target.rename(old)
     tmp.rename(target)
@@ -190,7 +208,8 @@ def describe_run(run: Run) -> str:
     sizes = ", ".join(f"{s}={len(df)}" for s, df in run.raw.splits.items())
     return (f"tuneloop: {sizes} | {acc.num_processes} process(es) on {acc.device}, precision {acc.mixed_precision} | "
             f"global batch {global_batch} = {cfg.train.batch_size} per device x {acc.num_processes} x "
-            f"{cfg.train.gradient_accumulation_steps} accumulation | {run.num_training_steps} optimizer steps")
+            f"{cfg.train.gradient_accumulation_steps} accumulation | {run.num_training_steps} optimizer steps | "
+            + (f"peft {cfg.peft.method}: " if cfg.peft.method != "none" else "") + describe_parameters(run.model))
 
 
 def train(config: Config) -> dict[str, float]:
@@ -237,7 +256,7 @@ def evaluate_model(config: Config) -> dict[str, dict[str, float]]:
     splits = [s for s in raw.eval_splits if "labels" in tokenized[s].column_names]
     if not splits:
         raise DataError("no labelled validation split to evaluate (give --validation-file or a --data-dir with dev files)")
-    model = build_model(model_dir, label_names)
+    model = load_adapter_model(model_dir, label_names) if is_adapter_dir(model_dir) else build_model(model_dir, label_names)
     collator = Collator(tokenizer, config.data)
     dls = [eval_dataloader(tokenized[s], collator, config.eval.eval_batch_size) for s in splits]
     model, *dls = accelerator.prepare(model, *dls)

@@ -1,0 +1,96 @@
+"""Fast inference: length-sorted batched prediction, int8 prediction, `tuneloop export` loading without tuneloop."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import MRPC
+from tuneloop.cli import main
+from tuneloop.predict import predict_rows
+
+
+@pytest.fixture(scope="module")
+def rows() -> pd.DataFrame:
+    df = pd.read_csv(MRPC / "dev.tsv", sep="\t", quoting=3, encoding="utf-8-sig", nrows=60)
+    return pd.DataFrame({"text": df["#1 String"], "text_pair": df["#2 String"]})
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny_model_dir, rows):
+    return list(predict_rows(str(tiny_model_dir), rows, batch_size=1))  # one row per batch: no padding at all
+
+
+def test_batches_sorted_by_length_return_rows_in_input_order(tiny_model_dir, rows, fp32):
+    batched = list(predict_rows(str(tiny_model_dir), rows, batch_size=16))
+    assert [r["label"] for r in batched] == [r["label"] for r in fp32]
+    assert [r["score"] for r in batched] == pytest.approx([r["score"] for r in fp32], abs=1e-5)
+
+
+def test_int8_predictions_agree_with_fp32(tiny_model_dir, rows, fp32):
+    int8 = list(predict_rows(str(tiny_model_dir), rows, batch_size=16, quantize="int8"))
+    # The tiny random model's two classes are close (scores near 0.5), so compare probabilities, not labels.
+    diffs = [abs(a["score"] - b["score"]) if a["label"] == b["label"] else abs(a["score"] + b["score"] - 1)
+             for a, b in zip(int8, fp32)]
+    assert max(diffs) < 0.01 and sum(diffs) > 0  # close, and really computed differently
+
+
+def test_export_loads_in_a_fresh_process_without_tuneloop(tiny_model_dir, rows, fp32, tmp_path):
+    rows.head(8).to_json(tmp_path / "in.jsonl", orient="records", lines=True)
+    for quantize in (None, "int8"):
+        out = tmp_path / f"export-{quantize}"
+        assert main(["export", "--model-dir", str(tiny_model_dir), "--output-dir", str(out),
+                     *(["--quantize", quantize] if quantize else [])]) == 0
+        config = json.loads((out / "config.json").read_text())
+        assert ("quantization_config" in config) == (quantize == "int8")
+        # Only transformers (+ torchao for int8): tuneloop is made unimportable in the child.
+        script = ("import sys, json; sys.modules['tuneloop'] = None\n"
+                  "from transformers import pipeline\n"
+                  "rows = [json.loads(l) for l in open(sys.argv[2])]\n"
+                  "clf = pipeline('text-classification', model=sys.argv[1], device='cpu')\n"
+                  "print(json.dumps(clf([{'text': r['text'], 'text_pair': r['text_pair']} for r in rows])))\n")
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        proc = subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "in.jsonl")], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+        tol = 0.01 if quantize else 1e-5
+        for g, ref in zip(got, fp32[:8]):
+            score = g["score"] if g["label"] == ref["label"] else 1 - g["score"]
+            assert score == pytest.approx(ref["score"], abs=tol)
+
+
+def test_int8_export_is_smaller(tiny_model_dir, tmp_path):
+    from tuneloop.export import folder_size
+
+    for quantize in (None, "int8"):
+        assert main(["export", "--model-dir", str(tiny_model_dir), "--output-dir", str(tmp_path / str(quantize)),
+                     *(["--quantize", quantize] if quantize else [])]) == 0
+    weights = {q: (tmp_path / q / "model.safetensors").stat().st_size for q in ("None", "int8")}
+    assert weights["int8"] < weights["None"]
+    assert folder_size(tmp_path / "int8") < folder_size(tmp_path / "None")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["predict", "--input", "-", "--quantize", "int4"], "--quantize: 'int4' is not supported; the one choice is int8"),
+    (["export", "--output-dir", "OUT", "--quantize", "int4"], "--quantize: 'int4' is not supported"),
+])
+def test_unsupported_quantization_fails_in_one_line(tiny_model_dir, tmp_path, capsys, argv, message):
+    argv = [a.replace("OUT", str(tmp_path / "out")) for a in argv]
+    assert main([argv[0], "--model-dir", str(tiny_model_dir), *argv[1:]]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tuneloop: error: ") and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_a_non_empty_folder(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert main(["export", "--model-dir", str(tiny_model_dir), "--output-dir", str(tmp_path / "out")]) != 0
+    assert "is not empty; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
