@@ -89,9 +89,16 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 def _finished_with_same_config(folder: Path, config) -> bool:
-    return ((folder / "eval_results.json").is_file() and (folder / "model").is_dir()
-            and (folder / "config.yaml").is_file()
-            and (folder / "config.yaml").read_text(encoding="utf-8") == config.to_yaml())
+    """A finished run whose settings equal `config`'s, except those that do not change results."""
+    import yaml
+
+    from tuneloop.checkpoint import RESUME_SAFE, _flatten
+
+    if not ((folder / "eval_results.json").is_file() and (folder / "model").is_dir() and (folder / "config.yaml").is_file()):
+        return False
+    saved = _flatten(yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")))
+    wanted = _flatten(config.to_dict())
+    return all(saved.get(k) == v for k, v in wanted.items() if k not in RESUME_SAFE)
 
 
 def train_seeds(config, seeds: list[int]) -> dict[str, Any]:
