@@ -13,6 +13,8 @@ import copy
 import json
 import logging
 import math
+import os
+import socket
 import warnings
 from pathlib import Path
 from typing import Any
@@ -215,6 +217,7 @@ def search(base: Config, space_file: str | None = None, storage: str | None = No
     def objective(trial) -> float:
         run_dir = out / f"trial-{trial.number:04d}"
         trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         try:
             config = config_with(base, suggest(trial, space), run_dir)
             print(f"tuneloop: trial {trial.number} -> {run_dir}: "
@@ -253,7 +256,8 @@ def write_results(study, base: Config, space: dict[str, Any], out: Path, url: st
                                           "datetime_start"))
     if "duration" in frame:
         frame["duration"] = frame["duration"].dt.total_seconds().round(1)
-    frame = frame.rename(columns={"value": main_metric, "duration": "duration_s"})
+    frame = frame.rename(columns={"value": main_metric, f"value_{main_metric}": main_metric, "duration": "duration_s"})
+    frame.columns = [c.removeprefix("params_").removeprefix("user_attrs_") for c in frame.columns]
     frame.to_csv(out / "trials.csv", index=False)
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     counts = {s: len(study.get_trials(deepcopy=False, states=(getattr(optuna.trial.TrialState, s),)))
