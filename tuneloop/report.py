@@ -257,7 +257,7 @@ def render_report(folder: str | Path, output: str | Path | None = None) -> Path:
     try:
         import jinja2
     except ImportError:
-        raise TuneloopError("the report needs Jinja2: pip install 'tuneloop[report]'") from None
+        raise TuneloopError("the report needs Jinja2: pip install jinja2") from None
     folder = Path(folder)
     if not folder.is_dir():
         raise TuneloopError(f"report: {folder} is not a folder")
