@@ -125,3 +125,17 @@ def test_bad_search_inputs_are_one_line(tiny_model_dir, mrpc_slice, tmp_path, ca
                             "postgresql://user:secret@127.0.0.1:1/db")) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("tuneloop: error: --storage postgresql://user:***@127.0.0.1:1/db: ") and "secret" not in err
+
+
+def test_failed_trials_are_recorded_and_the_study_goes_on(tiny_model_dir, mrpc_slice, tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"warmup_ratio": {"type": "float", "low": 1.0, "high": 2.0}}))  # always invalid
+    out = tmp_path / "s"
+    assert main(search_args(tiny_model_dir, mrpc_slice, out, space, "--n-trials", "2")) == 1
+    failed = trials(f"sqlite:///{out / 'study.db'}")
+    assert [t.state.name for t in failed] == ["FAIL", "FAIL"]  # the first failure did not stop the study
+    assert all(t.user_attrs["error"].startswith("ConfigError: optim.warmup_ratio: must be in [0, 1)") for t in failed)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("tuneloop: error: no trial of study 'tuneloop' completed; first error: ConfigError: ")
+    assert "Traceback" not in "\n".join(err)
+    assert "error" in (out / "trials.csv").read_text().splitlines()[0].split(",")
