@@ -237,7 +237,9 @@ def search_section(folder: Path) -> dict[str, Any]:
 
     table = pd.read_csv(folder / "trials.csv")
     best = (folder / "best_config.yaml").read_text(encoding="utf-8") if (folder / "best_config.yaml").is_file() else None
-    return {"columns": list(table.columns), "rows": table.fillna("").astype(str).values.tolist(),
+    rows = [["" if pd.isna(v) else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row]
+            for row in table.itertuples(index=False)]
+    return {"columns": list(table.columns), "rows": rows,
             "history": _file_png(folder / "optimization_history.png"),
             "importances": _file_png(folder / "param_importances.png"), "best_config": best,
             "summary": _read_json(folder / "search_summary.json")}
