@@ -60,7 +60,8 @@ def test_outputs_of_a_run(tiny_model_dir, mrpc_slice, tmp_path):
     cfg.eval.eval_every = 2
     results = tuneloop.train(cfg)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "eval_results.json", "learning_curves.png",
-                                                     "metrics.jsonl", "model"]
+                                                     "metrics.jsonl", "model", "predictions.jsonl", "run_summary.json",
+                                                     "tensorboard"]
     records = [json.loads(l) for l in open(out / "metrics.jsonl")]
     train = [r for r in records if r["type"] == "train"]
     evals = [r for r in records if r["type"] == "eval"]

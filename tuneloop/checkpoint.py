@@ -222,7 +222,7 @@ def apply_retention(root: Path, keep_last: int, keep_best: bool) -> None:
     keep = {p for _, p in complete[:keep_last]}
     if keep_best:
         best, best_path = None, None
-        for _, p in complete:
+        for _, p in reversed(complete):  # oldest first: on a tie the earlier one is best, as in the loop's best_step
             try:
                 metric = json.loads((p / STATE_FILE).read_text()).get("metric")
             except (OSError, ValueError):

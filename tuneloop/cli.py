@@ -25,9 +25,9 @@ def _metavar(tp: Any) -> str:
     return text if len(text) < 30 else "VALUE"
 
 
-def add_config_flags(parser: argparse.ArgumentParser, only: set[str] | None = None) -> None:
-    """One flag per config field: `--section.field`, plus `--field-name` where the name is unique."""
-    shorts = {path: name for name, path in short_names().items() if name not in ("model_dir",)}
+def add_config_flags(parser: argparse.ArgumentParser, only: set[str] | None = None, taken: tuple[str, ...] = ()) -> None:
+    """One flag per config field: `--section.field`, plus `--field-name` where the name is unique (and not `taken`)."""
+    shorts = {path: name for name, path in short_names().items() if name not in ("model_dir", *taken)}
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(f"{section} options")
         hints = typing.get_type_hints(cls)
@@ -58,7 +58,8 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="tuneloop", allow_abbrev=False,
                     description="Fine-tune and evaluate Hugging Face sequence classifiers with one visible loop.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,predict,export,data}", parser_class=Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,predict,export,data,search,report,compare}",
+                                parser_class=Parser)
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", metavar="FILE", help="YAML file with config sections, or a built-in recipe name (classic, fast); flags override it")
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="fine-tune a model and evaluate it", allow_abbrev=False)
     common(train)
     train.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    train.add_argument("--seeds", metavar="S,S,...", help="train once per seed into OUT/seed-S/ and summarise the spread "
+                                                          "(seeds_summary.json: mean, std, bootstrap 95%% CI)")
     add_config_flags(train)
 
     ev = sub.add_parser("eval", help="re-evaluate a saved model", allow_abbrev=False)
@@ -95,6 +98,30 @@ def build_parser() -> argparse.ArgumentParser:
     common(data)
     add_config_flags(data, only={p for p in field_paths() if p.startswith("data.")} | {
         "model.name_or_path", "train.batch_size", "train.seed"})
+    se = sub.add_parser("search", help="hyperparameter search with Optuna (every train flag is fixed for all trials)",
+                        allow_abbrev=False)
+    common(se)
+    se.add_argument("--search-space", metavar="FILE", help="YAML search space (default: the built-in one, see README)")
+    se.add_argument("--storage", metavar="URL", help="Optuna storage URL shared by workers (default: sqlite:///OUT/study.db)")
+    se.add_argument("--study-name", default="tuneloop", metavar="NAME", help="study name in the storage (default: tuneloop)")
+    se.add_argument("--n-trials", type=int, default=20, metavar="N",
+                    help="finished trials (complete, pruned, failed) the study should hold, all workers together (default: 20)")
+    se.add_argument("--timeout", type=float, metavar="SECONDS", help="stop this worker after this many seconds")
+    se.add_argument("--pruner", choices=("median", "none"), default="median",
+                    help="stop trials whose per-epoch score is below the median of earlier trials (default: median)")
+    add_config_flags(se, taken=("timeout",))  # --timeout is the search's; --launch.timeout stays
+
+    re_ = sub.add_parser("report", help="write a self-contained report.html for a run, multi-seed or search folder",
+                         allow_abbrev=False)
+    re_.add_argument("run_dir", metavar="RUN_DIR")
+    re_.add_argument("--output", metavar="FILE", help="where to write the HTML (default: RUN_DIR/report.html)")
+    re_.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+    co = sub.add_parser("compare", help="do two multi-seed runs differ beyond their seed spread?", allow_abbrev=False)
+    co.add_argument("run_a", metavar="RUN_A")
+    co.add_argument("run_b", metavar="RUN_B")
+    co.add_argument("--alpha", type=float, default=0.05, help="significance level of Welch's t-test (default: 0.05)")
+    co.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return parser
 
 
@@ -134,6 +161,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = parse_config(args)
     if args.print_config:
         print(config.to_yaml(), end="")
+        return 0
+    if args.seeds is not None:
+        from tuneloop.seeds import parse_seeds, train_seeds
+
+        seeds = parse_seeds(args.seeds)
+        if launch.needs_launcher(config.launch):
+            raise ConfigError("--seeds with --num-processes: start one multi-process run per seed instead")
+        train_seeds(config, seeds)
         return 0
     if launch.needs_launcher(config.launch):  # --num-processes: run this same command in every process
         from tuneloop.recipe import check_output_dir
@@ -203,14 +238,44 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "data": cmd_data}
+def cmd_search(args: argparse.Namespace) -> int:
+    from tuneloop.search import quiet_failed_trials, search
+
+    config = parse_config(args)
+    if not args.debug:
+        quiet_failed_trials()
+    search(config, space_file=args.search_space, storage=args.storage, study_name=args.study_name,
+           n_trials=args.n_trials, timeout=args.timeout, pruner=args.pruner)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tuneloop.report import render_report
+
+    path = render_report(args.run_dir, args.output)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tuneloop.seeds import compare
+
+    if not 0 < args.alpha < 1:
+        raise ConfigError(f"--alpha: must be between 0 and 1, got {args.alpha}")
+    print(compare(args.run_a, args.run_b, args.alpha))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "data": cmd_data,
+            "search": cmd_search, "report": cmd_report, "compare": cmd_compare}
 
 
 def _unknown_option_error(argv: list[str], command: str | None) -> None:
     """Name the closest valid flag for a typo, before argparse's generic message."""
     known = {f"--{p}" for p in field_paths()} | {f"--{n.replace('_', '-')}" for n in short_names()}
     known |= {"--config", "--print-config", "--debug", "--model-dir", "--input", "--output", "--batch-size",
-              "--quantize", "--output-dir", "--overwrite"}
+              "--quantize", "--output-dir", "--overwrite", "--seeds", "--search-space", "--storage", "--study-name",
+              "--n-trials", "--timeout", "--pruner", "--alpha"}
     for token in argv:
         if token.startswith("--"):
             name = token.split("=", 1)[0]

@@ -100,12 +100,17 @@ class TrainConfig:
 class EvalConfig:
     eval_every: int = _f(0, "also evaluate every N optimizer steps (0: only at each epoch end)")
     eval_batch_size: int = _f(32, "examples per device per evaluation batch")
+    early_stopping_patience: int | None = _f(None, "stop after N evaluations in a row without a new best main metric (null: never)")
+    load_best_model: bool = _f(False, "save the weights of the best evaluation (by the main metric) as the model, not the last")
 
 
 @dataclass
 class OutputConfig:
     output_dir: str = _f("runs/latest", "folder for config, metrics, model and plots of this run")
     overwrite: bool = _f(False, "allow writing into an output folder that already holds a finished run")
+    report_to: list[str] = _f(["auto"], "trackers besides metrics.jsonl: tensorboard, mlflow, wandb, none, or auto "
+                                        "(TensorBoard when installed); comma-separated")
+    push_to_hub: str | None = _f(None, "after training, upload model, tokenizer and model card to this Hub repo id")
 
 
 @dataclass
@@ -424,6 +429,11 @@ def validate(config: Config) -> None:
         raise ConfigError(f"checkpoint.keep_last: must be at least 1, got {config.checkpoint.keep_last}")
     if e.eval_every < 0:
         raise ConfigError(f"eval.eval_every: must not be negative, got {e.eval_every}")
+    if e.early_stopping_patience is not None and e.early_stopping_patience < 1:
+        raise ConfigError(f"eval.early_stopping_patience: must be at least 1 (or null), got {e.early_stopping_patience}")
+    from tuneloop.tracking import check_report_to
+
+    check_report_to(config.output.report_to)
     la = config.launch
     for key, value in {"launch.num_processes": la.num_processes, "launch.num_machines": la.num_machines,
                        "launch.timeout": la.timeout}.items():

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tuneloop.checkpoint import save_checkpoint
+from tuneloop.early_stopping import after_evaluation
 from tuneloop.evaluate import evaluate
 from tuneloop.guard import NonFiniteLoss, StepGuard  # noqa: F401  (NonFiniteLoss: re-exported)
 from tuneloop.signals import Interrupted, StopRequest
@@ -33,6 +34,8 @@ class TrainingState:
     best_step: int | None = None
     skipped_steps: int = 0  # updates skipped for a non-finite loss (nan_policy: skip)
     pending_loss: tuple[float, float] = (0.0, 0.0)  # loss sum and count since the last log line
+    evals_without_improvement: int = 0  # for early stopping
+    stopped_early: bool = False
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +67,7 @@ class Run:
     raw: Any = None  # tuneloop.data.RawData
     stop: StopRequest = field(default_factory=lambda: StopRequest(announce=False))
     rank_budget: Any = None  # tuneloop.adapters.AdaLoraBudget for AdaLoRA runs
+    best_weights: dict[str, torch.Tensor] | None = None  # CPU copy for load_best_model when no checkpoint has them
 
 
 def run_evaluation(run: Run) -> dict[str, float]:
@@ -106,7 +110,7 @@ def train_loop(run: Run) -> dict[str, float]:
     last_log_time, last_log_samples = time.perf_counter(), state.samples_seen
     results: dict[str, float] = {}
     model.train()
-    while state.epoch < cfg.train.epochs:
+    while state.epoch < cfg.train.epochs and not state.stopped_early:
         sampler.select_epoch(state.epoch, start=state.batch_in_epoch)
         window_sizes = sampler.window_sizes()
         local_sizes = sampler.local_sizes()  # real examples per batch: a filler batch counts 0
@@ -162,6 +166,8 @@ def train_loop(run: Run) -> dict[str, float]:
             if cfg.eval.eval_every and state.step % cfg.eval.eval_every == 0 and run.eval_dataloaders:
                 results = run_evaluation(run)
                 metric = record_evaluation(run, results)
+                if after_evaluation(run):
+                    break
             epoch_done = state.batch_in_epoch == len(sampler)
             if cfg.checkpoint.checkpoint_every and state.step % cfg.checkpoint.checkpoint_every == 0 \
                     and not (epoch_done and cfg.checkpoint.checkpoint_every_epoch):  # the epoch end saves it
@@ -171,6 +177,8 @@ def train_loop(run: Run) -> dict[str, float]:
             if stop:
                 stop_for_signal(run, loss_sum, loss_count)
 
+        if state.stopped_early:
+            break
         state.epoch += 1
         state.batch_in_epoch = 0
         metric = None
@@ -178,6 +186,7 @@ def train_loop(run: Run) -> dict[str, float]:
         if run.eval_dataloaders and not (cfg.eval.eval_every and state.step % cfg.eval.eval_every == 0):
             results = run_evaluation(run)
             metric = record_evaluation(run, results)
+            after_evaluation(run)
         if cfg.checkpoint.checkpoint_every_epoch:
             state.pending_loss = pending_loss(accelerator, loss_sum, loss_count)
             save_checkpoint(run, metric)

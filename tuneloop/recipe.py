@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,10 @@ from tuneloop.model import (build_model, build_tokenizer, resolve_attention, res
 from tuneloop.optim import build_optimizer, build_scheduler, num_training_steps
 from tuneloop.precision import accelerate_precision, apply_tf32, check_device_precision, reconcile_mixed_precision
 from tuneloop.signals import StopRequest
-from tuneloop.tracking import MetricsLog, plot_learning_curves
+from tuneloop.card import push_to_hub, write_model_card
+from tuneloop.early_stopping import load_best_weights
+from tuneloop.report import dev_predictions, run_summary, write_predictions
+from tuneloop.tracking import MetricsLog, plot_learning_curves, start_trackers, tracker_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,8 @@ def make_accelerator(config: Config):
     accelerator = Accelerator(mixed_precision=accelerate_precision(precision),
                               gradient_accumulation_steps=config.train.gradient_accumulation_steps,
                               step_scheduler_with_optimizer=False,
-                              **dynamo_kwargs(config.train.compile), **accelerator_kwargs(config))
+                              **dynamo_kwargs(config.train.compile), **accelerator_kwargs(config),
+                              **tracker_kwargs(config))
     check_device_precision(accelerator.mixed_precision, accelerator.device.type, warn=accelerator.is_main_process)
     apply_tf32(precision, accelerator.device.type)
     check_processes(config, accelerator)
@@ -212,16 +217,20 @@ def describe_run(run: Run) -> str:
             + (f"peft {cfg.peft.method}: " if cfg.peft.method != "none" else "") + describe_parameters(run.model))
 
 
-def train(config: Config) -> dict[str, float]:
-    """Fine-tune and evaluate as configured; returns the final evaluation metrics."""
+def train(config: Config, hooks: list | None = None) -> dict[str, float]:
+    """Fine-tune and evaluate as configured; returns the final evaluation metrics.
+
+    `hooks` are called with every record of metrics.jsonl (e.g. the search's pruning, which may raise).
+    """
     out = check_output_dir(config)
     accelerator = make_accelerator(config)
     config = resolve_for_device(config, accelerator.device.type)  # what config.yaml and checkpoints record
     if accelerator.is_main_process:
         ensure_writable(out)
-    metrics_log = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process)
+    metrics_log = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process, sinks=hooks)
     state = TrainingState()
     run = setup(config, accelerator, state, metrics_log)
+    start_trackers(accelerator, config, metrics_log)
     if config.checkpoint.resume:
         path = resume(run, config.checkpoint.resume, config.checkpoint.resume_force)
         if accelerator.is_main_process:
@@ -233,16 +242,33 @@ def train(config: Config) -> dict[str, float]:
     if accelerator.is_main_process:
         print(describe_run(run), flush=True)
     run.stop = StopRequest(announce=accelerator.is_main_process).install()
+    started = time.perf_counter()
     try:
         results = train_loop(run)
     finally:
         run.stop.restore()
+        accelerator.end_training()
+    seconds = time.perf_counter() - started
     accelerator.wait_for_everyone()
+    best = {"main_metric": run.main_metric, "best_metric": state.best_metric, "best_step": state.best_step,
+            "stopped_early": state.stopped_early}
+    if config.eval.load_best_model:
+        best["best_model"] = load_best_weights(run, out)
+        results = next(r for r in reversed(metrics_log.records()) if r.get("type") == "eval"
+                       and r["step"] == state.best_step)
+        results = {k: v for k, v in results.items() if k not in ("type", "step", "epoch")}
+    if run.eval_dataloaders:
+        predictions = dev_predictions(run)  # every process takes part in the gathers
     if accelerator.is_main_process:
         save_model(run, out)
-        write_json(out / "eval_results.json", {**results, "step": state.step, "epoch": state.epoch})
+        write_json(out / "eval_results.json", {**results, "step": state.step, "epoch": state.epoch, **best})
         plot_learning_curves(metrics_log.records(), out / "learning_curves.png", run.main_metric)
-    accelerator.end_training()
+        if run.eval_dataloaders:
+            write_predictions(predictions, out / "predictions.jsonl")
+        write_json(out / "run_summary.json", run_summary(run, seconds))
+        write_model_card(out / "model", config, results, run.raw.task_name, run.raw.metrics)
+        if config.output.push_to_hub:
+            push_to_hub(out / "model", config.output.push_to_hub)
     return results
 
 

@@ -1,6 +1,8 @@
-"""Local run records: metrics.jsonl (one line per logged step and evaluation) and learning_curves.png.
+"""Run records: metrics.jsonl (one line per logged step and evaluation), learning_curves.png, and trackers.
 
-Nothing reports anywhere else unless asked: the JSONL file is always local.
+metrics.jsonl is always written and stays the record. Every record also fans out to the `sinks` of the
+log: Accelerate's trackers (TensorBoard by default when installed; MLflow or W&B only when asked with
+`--report-to`) and hooks such as the search's pruning.
 """
 
 from __future__ import annotations
@@ -8,15 +10,22 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from tuneloop.errors import ConfigError, TuneloopError
+
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+# The Python module each tracker needs, and what to install for it.
+TRACKER_MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 
 
 class MetricsLog:
     """Append-only JSON Lines log, flushed per line so a crash loses nothing already logged."""
 
-    def __init__(self, path: str | Path, enabled: bool = True):
+    def __init__(self, path: str | Path, enabled: bool = True, sinks: list[Callable[[dict], None]] | None = None):
         self.path = Path(path)
         self.enabled = enabled
+        self.sinks = list(sinks or [])  # called with every record after it is written, on the main process
 
     def __call__(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -24,6 +33,8 @@ class MetricsLog:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(clean) + "\n")
+        for sink in self.sinks:
+            sink(record)
 
     def records(self) -> list[dict[str, Any]]:
         if not self.path.exists():
@@ -56,3 +67,68 @@ def plot_learning_curves(records: list[dict[str, Any]], out_path: str | Path, ma
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
     return out_path
+
+
+def check_report_to(names: list[str]) -> None:
+    """Validate `output.report_to`; naming a tracker whose package is missing is one line saying what to install."""
+    import importlib.util
+
+    from tuneloop.config import _suggest
+
+    allowed = ("auto", "none", *TRACKERS)
+    for name in names:
+        if name not in allowed:
+            raise ConfigError(f"output.report_to: unknown tracker '{name}'{_suggest(name, allowed)}; "
+                              f"one of {', '.join(allowed)}")
+        if name in TRACKERS and importlib.util.find_spec(TRACKER_MODULES[name]) is None:
+            raise ConfigError(f"output.report_to: {name} is not installed (pip install {name}, "
+                              f"or pip install 'tuneloop[track]' for TensorBoard)")
+    if len(names) > 1 and ("none" in names or "auto" in names):
+        raise ConfigError(f"output.report_to: 'none' and 'auto' stand alone, got {','.join(names)}")
+
+
+def resolve_trackers(names: list[str]) -> list[str]:
+    """The trackers a run reports to: `auto` is TensorBoard when installed and nothing else."""
+    import importlib.util
+
+    if names == ["auto"]:
+        return ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else []
+    return [n for n in names if n != "none"]
+
+
+def tracker_kwargs(config) -> dict[str, Any]:
+    """Accelerator arguments for the trackers; TensorBoard writes OUT/tensorboard/tuneloop/."""
+    trackers = resolve_trackers(config.output.report_to)
+    if not trackers:
+        return {}
+    from accelerate.utils import ProjectConfiguration
+
+    out = Path(config.output.output_dir)
+    return {"log_with": trackers, "project_config": ProjectConfiguration(project_dir=str(out),
+                                                                          logging_dir=str(out / "tensorboard"))}
+
+
+def start_trackers(accelerator, config, metrics_log: MetricsLog) -> None:
+    """Open the configured trackers (TensorBoard/MLflow write under the output folder) and fan the log out to them."""
+    if not accelerator.log_with:
+        return
+    from tuneloop.checkpoint import _flatten
+
+    flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flatten(config.to_dict()).items()}
+    try:
+        accelerator.init_trackers("tuneloop", config=flat,
+                                  init_kwargs={"wandb": {"dir": str(Path(config.output.output_dir))}})
+    except Exception as e:  # a tracker's server or login is the user's environment, not a crash of ours
+        raise TuneloopError(f"could not start tracker(s) {', '.join(map(str, accelerator.log_with))}: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    metrics_log.sinks.append(lambda record: log_to_trackers(accelerator, record))
+
+
+def log_to_trackers(accelerator, record: dict[str, Any]) -> None:
+    """Numeric values of train and eval records, as `train/loss`, `eval/accuracy`, at their optimizer step."""
+    kind = record.get("type")
+    if kind not in ("train", "eval"):
+        return
+    values = {f"{kind}/{k}": v for k, v in record.items()
+              if k not in ("type", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    accelerator.log(values, step=record["step"])

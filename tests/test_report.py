@@ -1,0 +1,97 @@
+"""report.html: self-contained, opens in headless Chromium without console errors, shows curves and the confusion matrix."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import tiny_args
+from tuneloop.cli import main
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if path is None:
+        pytest.skip("no chromium on PATH (.ci/run installs Debian's chromium package)")
+    return path
+
+
+def screenshot(html, png, size="1200,2200") -> str:
+    """Render a page headless; returns Chromium's log, where console messages appear as CONSOLE lines."""
+    proc = subprocess.run([chromium(), "--headless", "--disable-gpu", "--no-sandbox", "--enable-logging=stderr", "--v=0",
+                           "--hide-scrollbars", f"--window-size={size}", f"--screenshot={png}", html.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stderr
+
+
+def colour_share(png, rgb, tolerance=12) -> float:
+    import matplotlib.image
+
+    pixels = (matplotlib.image.imread(png)[..., :3] * 255).astype(int)
+    return float((np.abs(pixels - np.array(rgb)).max(-1) <= tolerance).mean())
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tmp_path_factory):
+    from conftest import MRPC
+
+    root = tmp_path_factory.mktemp("report")
+    data = root / "MRPC"
+    data.mkdir()
+    for name, lines in (("train.tsv", 65), ("dev.tsv", 41), ("test.tsv", 21)):
+        with open(MRPC / name, "rb") as src:
+            (data / name).write_bytes(b"".join(src.readline() for _ in range(lines)))
+    out = root / "run"
+    assert main(tiny_args(tiny_model_dir, data, out, "--epochs", "2", "--report-to", "none")) == 0
+    return out
+
+
+def test_report_of_a_run_renders_in_chromium(finished_run, tmp_path, capsys):
+    assert main(["report", str(finished_run)]) == 0
+    html_path = finished_run / "report.html"
+    assert capsys.readouterr().out.strip() == f"wrote {html_path}"
+    html = html_path.read_text()
+    # Self-contained: every image is embedded, nothing is fetched, no script runs.
+    sources = re.findall(r'src="([^"]*)"', html)
+    assert len(sources) == 2 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "<script" not in html and "http://" not in html and "https://" not in html
+    predictions = [json.loads(line) for line in (finished_run / "predictions.jsonl").read_text().splitlines()[1:]]
+    assert len(predictions) == 40
+    matrix = np.zeros((2, 2), dtype=int)
+    names = ["not_equivalent", "equivalent"]
+    for p in predictions:
+        matrix[names.index(p["label"]), names.index(p["prediction"])] += 1
+    cells = re.search(r"true \\ predicted</th>.*?</table>", html, re.S).group(0)
+    assert [int(c) for c in re.findall(r"<td>(\d+)</td>", cells)] == matrix.ravel().tolist()
+    wrong = sorted((p for p in predictions if p["label"] != p["prediction"]), key=lambda p: -p["confidence"])
+    assert f"The {min(20, len(wrong))} most confident mistakes" in html
+    assert wrong and wrong[0]["text"].replace('"', "&#34;") in html
+
+    png = tmp_path / "shot.png"
+    log = screenshot(html_path, png)
+    assert "CONSOLE" not in log  # no console message at all (errors, failed loads)
+    # The pictures really render: the learning-rate curve's orange and the confusion matrix's dark blue.
+    assert colour_share(png, (255, 127, 14)) > 1e-4
+    assert colour_share(png, (8, 48, 107)) > 1e-3
+
+
+def test_console_errors_are_caught(tmp_path):
+    page = tmp_path / "broken.html"
+    page.write_text("<html><body><script>undefined_function();</script></body></html>")
+    assert "CONSOLE" in screenshot(page, tmp_path / "broken.png", "400,300")
+
+
+def test_report_on_a_folder_without_a_run_is_one_line(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert main(["report", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"tuneloop: error: report: {tmp_path} holds no run (expected config.yaml and metrics.jsonl, "
+                   f"seeds_summary.json or trials.csv)")
+    assert main(["report", str(tmp_path / "missing")]) == 1
+    assert capsys.readouterr().err.strip() == f"tuneloop: error: report: {tmp_path / 'missing'} is not a folder"

@@ -1,0 +1,141 @@
+"""Search: a study in SQLite that survives a kill, workers sharing it, pruning, best_config.yaml that trains."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import REPO, tiny_args
+from tuneloop.cli import main
+
+optuna = pytest.importorskip("optuna")
+
+SPACE = {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+         "train.batch_size": [8, 16], "warmup_ratio": {"type": "float", "low": 0.0, "high": 0.2}}
+
+
+def search_args(model, data, out, space, *extra):
+    args = tiny_args(model, data, out, "--epochs", "2", "--max-train-samples", "24", "--max-eval-samples", "16",
+                     "--report-to", "none", "--checkpoint-every-epoch", "false", "--search-space", str(space), *extra)
+    return ["search", *args[1:]]
+
+
+def tuneloop(args):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "tuneloop", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def trials(storage, name="tuneloop"):
+    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+
+
+def test_killed_search_resumes_and_two_workers_share_the_study(tiny_model_dir, mrpc_slice, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    out = tmp_path / "search"
+    storage = f"sqlite:///{out / 'study.db'}"
+    args = search_args(tiny_model_dir, mrpc_slice, out, space, "--n-trials", "4")
+    first = tuneloop(args)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill it in the middle: after one finished trial, during the next
+        if (out / "study.db").exists() and (out / "trial-0001").exists():
+            break
+        time.sleep(0.5)
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    before = trials(storage)
+    assert [t.state.name for t in before][0] == "COMPLETE" and len(before) == 2 and before[1].state.name == "RUNNING"
+
+    # The same command, twice at once: both continue the one study, each running its own trials.
+    workers = [tuneloop(args), tuneloop(args)]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    after = trials(storage)
+    assert len(optuna.get_all_study_names(storage)) == 1
+    assert after[0].datetime_start == before[0].datetime_start  # the same study, not a new one
+    finished = [t for t in after if t.state.name in ("COMPLETE", "PRUNED", "FAIL")]
+    assert 4 <= len(finished) <= 5  # each worker stops once the study holds 4; both may finish one last trial
+    numbers = [t.number for t in after]
+    assert numbers == list(range(len(after)))  # distinct trial numbers, none run twice
+    new = after[2:]
+    assert len({t.user_attrs["worker"] for t in new}) == 2  # both workers took trials
+    assert len({t.user_attrs["run_dir"] for t in after}) == len(after)
+    assert all((out / f"trial-{t.number:04d}" / "eval_results.json").exists() for t in finished)  # folders kept
+
+    table = (out / "trials.csv").read_text().splitlines()
+    assert table[0].startswith("number,f1,") and len(table) == len(after) + 1
+    assert (out / "optimization_history.png").read_bytes()[:4] == b"\x89PNG"
+    best = yaml.safe_load((out / "best_config.yaml").read_text())
+    best_trial = max((t for t in after if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    assert best["optim"]["learning_rate"] == best_trial.params["optim.learning_rate"]
+    assert best["train"]["batch_size"] == best_trial.params["train.batch_size"]
+    assert best["data"]["max_train_samples"] == 24 and best["output"]["output_dir"] == str(out / "best")
+
+    # best_config.yaml trains as it is.
+    assert main(["train", "--config", str(out / "best_config.yaml")]) == 0
+    assert (out / "best" / "model" / "model.safetensors").exists()
+    assert main(["report", str(out)]) == 0
+    html = (out / "report.html").read_text()
+    assert "optimization history" in html and f"trial-{best_trial.number:04d}" in html
+
+
+def test_pruning_stops_a_weak_trial(tiny_model_dir, mrpc_slice, tmp_path, capsys):
+    out = tmp_path / "search"
+    out.mkdir()
+    storage = f"sqlite:///{out / 'study.db'}"
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-3}}))
+    # Two earlier trials that scored a perfect f1 after every epoch: any real trial is below their median.
+    study = optuna.create_study(storage=storage, study_name="tuneloop", direction="maximize")
+    dist = {"optim.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-3)}
+    for _ in range(2):
+        study.add_trial(optuna.trial.create_trial(params={"optim.learning_rate": 5e-4}, distributions=dist, value=1.0,
+                                                  intermediate_values={1: 1.0, 2: 1.0}))
+    assert main(search_args(tiny_model_dir, mrpc_slice, out, space, "--n-trials", "3")) == 0
+    pruned = trials(storage)[2]
+    assert pruned.state.name == "PRUNED" and list(pruned.intermediate_values) == [1]
+    records = (out / "trial-0002" / "metrics.jsonl").read_text()
+    assert records.count('"type": "eval"') == 1  # stopped after its first epoch of two
+    assert not (out / "trial-0002" / "model").exists()
+    assert "1 pruned" in capsys.readouterr().out
+
+
+def test_bad_search_inputs_are_one_line(tiny_model_dir, mrpc_slice, tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"lerning_rate": {"type": "float", "low": 1e-5, "high": 1e-4, "log": True}}))
+    assert main(search_args(tiny_model_dir, mrpc_slice, tmp_path / "s", space)) == 2
+    assert capsys.readouterr().err.strip() == (f"tuneloop: error: search space {space}: unknown parameter 'lerning_rate' "
+                                               f"(did you mean 'learning_rate'?)")
+    space.write_text(yaml.safe_dump({"peft.r": [4, 8]}))  # LoRA's rank is searchable once the config has it
+    assert main(search_args(tiny_model_dir, mrpc_slice, tmp_path / "s", space)) == 2
+    assert "unknown parameter 'peft.r'" in capsys.readouterr().err
+    space.write_text(yaml.safe_dump(SPACE))
+    bad = "sqlite:////nonexistent-folder/deeper/study.db"
+    assert main(search_args(tiny_model_dir, mrpc_slice, tmp_path / "s", space, "--storage", bad)) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"tuneloop: error: --storage {bad}: cannot open the study storage: ") and "\n" not in err
+    assert main(search_args(tiny_model_dir, mrpc_slice, tmp_path / "s", space, "--storage",
+                            "postgresql://user:secret@127.0.0.1:1/db")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tuneloop: error: --storage postgresql://user:***@127.0.0.1:1/db: ") and "secret" not in err
+
+
+def test_failed_trials_are_recorded_and_the_study_goes_on(tiny_model_dir, mrpc_slice, tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"warmup_ratio": {"type": "float", "low": 1.0, "high": 2.0}}))  # always invalid
+    out = tmp_path / "s"
+    assert main(search_args(tiny_model_dir, mrpc_slice, out, space, "--n-trials", "2")) == 1
+    failed = trials(f"sqlite:///{out / 'study.db'}")
+    assert [t.state.name for t in failed] == ["FAIL", "FAIL"]  # the first failure did not stop the study
+    assert all(t.user_attrs["error"].startswith("ConfigError: optim.warmup_ratio: must be in [0, 1)") for t in failed)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("tuneloop: error: no trial of study 'tuneloop' completed; first error: ConfigError: ")
+    assert "Traceback" not in "\n".join(err)
+    assert "error" in (out / "trials.csv").read_text().splitlines()[0].split(",")
