@@ -88,8 +88,20 @@ def _worker(config: Config, tmp: str) -> None:
     if not torch.cuda.is_available():
         # A forked process inherits the kernel's OpenMP state but not its worker threads: a parallel region
         # with more than one thread would wait for them forever. One thread each, as torchrun's default.
+        os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:  # process 0 speaks for all, as on the command line; errors still reach the cell
+        import warnings
+
+        import datasets
+        import transformers
+
+        warnings.filterwarnings("ignore")
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+        logging.getLogger("tuneloop").setLevel(logging.ERROR)
     try:
         results = train(config)
     except BaseException as e:
