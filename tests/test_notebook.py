@@ -59,6 +59,7 @@ def test_two_cpu_processes_from_python_give_the_metrics_of_one(tiny_model_dir, d
     config = tuneloop.Config.from_flags(**settings(tiny_model_dir, data, out, batch_size=2,
                                                    gradient_accumulation_steps=2))
     two = tuneloop.notebook_launch(config, num_processes=2)
+    assert config.launch.num_processes is None  # the caller's config is left as it was, fit for train()
     printed = capfd.readouterr().out  # the processes write to the file descriptors they inherit
     assert "Launching training on 2 CPU processes." in printed
     assert printed.count("tuneloop: train=17") == 1 and "2 process(es) on cpu" in printed

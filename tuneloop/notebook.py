@@ -15,6 +15,7 @@ kernel (peers stuck in a collective with a dead process give up after `launch.ti
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -38,10 +39,10 @@ def notebook_launch(config: Config, num_processes: int | None = None) -> dict[st
     else 1) and return process 0's final evaluation metrics."""
     import torch
 
-    from tuneloop.precision import resolve_mixed_precision
     from tuneloop.recipe import check_output_dir
 
     n = num_processes or config.launch.num_processes or max(torch.cuda.device_count(), 1)
+    config = copy.deepcopy(config)  # the caller's config stays as it was, usable with train() afterwards
     config.launch.num_processes = n
     validate(config)
     if config.launch.num_machines > 1:
@@ -55,7 +56,6 @@ def notebook_launch(config: Config, num_processes: int | None = None) -> dict[st
         return train(config)
     forget_accelerate_state()
     port = config.launch.main_process_port or free_port()
-    precision = resolve_mixed_precision(config.train.mixed_precision)
     with tempfile.TemporaryDirectory(prefix="tuneloop-launch-") as tmp:
         quiet = {name: logging.getLogger(name).level for name in _LAUNCHER_LOGGERS}
         for name in quiet:
@@ -64,8 +64,10 @@ def notebook_launch(config: Config, num_processes: int | None = None) -> dict[st
             if has_accelerators():
                 from accelerate import notebook_launcher
 
+                # Its mixed_precision argument only reaches the processes as ACCELERATE_MIXED_PRECISION, which
+                # _worker drops: train.mixed_precision decides (resolving `auto` here would initialise CUDA).
                 notebook_launcher(_worker, args=(config, tmp), num_processes=n, use_port=str(port),
-                                  mixed_precision=precision, rdzv_conf={"timeout": config.launch.timeout})
+                                  rdzv_conf={"timeout": config.launch.timeout})
             else:
                 elastic_launch(_worker, (config, tmp), n, port, config.launch.timeout)
         except Exception as e:
@@ -90,6 +92,7 @@ def _worker(config: Config, tmp: str) -> None:
         # with more than one thread would wait for them forever. One thread each, as torchrun's default.
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
+    os.environ.pop("ACCELERATE_MIXED_PRECISION", None)  # notebook_launcher's default, not the user's choice
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:  # process 0 speaks for all, as on the command line; errors still reach the cell
         import warnings
