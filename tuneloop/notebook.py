@@ -93,17 +93,25 @@ def _worker(config: Config, tmp: str) -> None:
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
     os.environ.pop("ACCELERATE_MIXED_PRECISION", None)  # notebook_launcher's default, not the user's choice
+    import datasets
+    import transformers
+
+    # ipykernel drops widget messages sent from a forked process ("attempted to send message from fork") but
+    # passes its text through: the training bar is drawn as text, the libraries' loading bars not at all.
+    if "ipykernel" in sys.modules:
+        import tqdm.std
+
+        import tuneloop.loop
+
+        tuneloop.loop.tqdm = tqdm.std.tqdm
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:  # process 0 speaks for all, as on the command line; errors still reach the cell
         import warnings
 
-        import datasets
-        import transformers
-
         warnings.filterwarnings("ignore")
         transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
         logging.getLogger("tuneloop").setLevel(logging.ERROR)
     try:
         results = train(config)
