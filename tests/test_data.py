@@ -358,3 +358,17 @@ def test_dataset_settings_are_checked_with_the_config():
         Config.from_flags(dataset="imdb", train_file="train.csv")
     with pytest.raises(ConfigError, match="only apply with --dataset NAME"):
         Config.from_flags(validation_split="test")
+
+
+def test_dataset_split_choice():
+    from tuneloop.hf_dataset import pick_splits
+
+    cfg = DataConfig(task=None, dataset="x")
+    assert pick_splits(cfg, ["train", "test", "unsupervised"]) == {"train": "train", "test": "test"}  # imdb
+    assert pick_splits(cfg, ["train", "dev", "test"]) == {"train": "train", "validation": "dev", "test": "test"}
+    on_test = DataConfig(task=None, dataset="x", validation_split="test")
+    assert pick_splits(on_test, ["train", "test"]) == {"train": "train", "validation": "test"}
+    with pytest.raises(DataError, match=r"^dataset 'x' has no split 'train'; its splits: test \(choose one with "
+                                        r"--train-split\)$"):
+        pick_splits(cfg, ["test"])
+    assert pick_splits(cfg, ["test"], need_train=False) == {"test": "test"}  # tuneloop eval / data

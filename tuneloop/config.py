@@ -49,7 +49,7 @@ class DataConfig:
                                    "user/reviews), a local dataset folder or a `datasets` cache entry (data.task "
                                    "becomes null unless given)")
     dataset_config: str | None = _f(None, "the dataset's configuration (subset) name, e.g. sst2 for nyu-mll/glue")
-    train_split: str = _f("train", "the dataset's split to train on")
+    train_split: str | None = _f(None, "the dataset's split to train on (null: train)")
     validation_split: str | None = _f(None, "the dataset's split to evaluate on (null: the first of validation, "
                                             "valid, dev, val that it has)")
     test_split: str | None = _f(None, "the dataset's split to predict on (null: test, if it has one)")
@@ -370,7 +370,7 @@ def validate(config: Config) -> None:
                           "or --dataset NAME")
     if d.dataset and (d.data_dir or d.train_file or d.validation_file or d.test_file):
         raise ConfigError("data.dataset: give one data source: --dataset, --data-dir or --train-file/--validation-file")
-    if not d.dataset and (d.dataset_config or d.validation_split or d.test_split or d.train_split != "train"):
+    if not d.dataset and (d.dataset_config or d.validation_split or d.test_split or d.train_split):
         raise ConfigError("data.dataset_config/train_split/validation_split/test_split: only apply with --dataset NAME")
     if d.text_columns is not None and not 1 <= len(d.text_columns) <= 2:
         raise ConfigError(f"data.text_columns: give one or two columns, got {d.text_columns}")

@@ -259,7 +259,7 @@ def load_raw(cfg: DataConfig, label_names: list[str] | None = None, need_train: 
     user_files = cfg.train_file or cfg.validation_file or cfg.test_file
     class_names = None  # a dataset's ClassLabel names
     if cfg.dataset:
-        splits, sources, class_names = load_hf_dataset(cfg, task)
+        splits, sources, class_names = load_hf_dataset(cfg, task, need_train)
     elif user_files:
         splits, sources = load_user_files(cfg, task)
     elif cfg.data_dir:

@@ -55,14 +55,19 @@ def load_dataset_dict(path: str, name: str | None, offline_hint: str):
         datasets.config.HF_HUB_OFFLINE = old
 
 
-def pick_splits(cfg: DataConfig, available: list[str]) -> dict[str, str]:
-    """Our split name -> the dataset's; a split asked for by name must exist."""
+def pick_splits(cfg: DataConfig, available: list[str], need_train: bool = True) -> dict[str, str]:
+    """Our split name -> the dataset's; a split asked for by name (or needed for training) must exist."""
     shown = ", ".join(available)
     chosen = {}
     for ours, theirs in (("train", cfg.train_split), ("validation", cfg.validation_split), ("test", cfg.test_split)):
         if theirs is not None and theirs not in available:
             raise DataError(f"dataset '{cfg.dataset}' has no split '{theirs}' (data.{ours}_split); its splits: {shown}")
         chosen[ours] = theirs
+    if chosen["train"] is None and ("train" in available or need_train):
+        if "train" not in available:
+            raise DataError(f"dataset '{cfg.dataset}' has no split 'train'; its splits: {shown} "
+                            f"(choose one with --train-split)")
+        chosen["train"] = "train"
     if chosen["validation"] is None:
         chosen["validation"] = next((s for s in VALIDATION_NAMES if s in available and s != chosen["train"]), None)
     if chosen["test"] is None and "test" in available and "test" not in chosen.values():
@@ -70,7 +75,8 @@ def pick_splits(cfg: DataConfig, available: list[str]) -> dict[str, str]:
     return {ours: theirs for ours, theirs in chosen.items() if theirs is not None}
 
 
-def load_hf_dataset(cfg: DataConfig, task: Task | None) -> tuple[dict[str, pd.DataFrame], dict[str, str], list[str] | None]:
+def load_hf_dataset(cfg: DataConfig, task: Task | None, need_train: bool = True
+                    ) -> tuple[dict[str, pd.DataFrame], dict[str, str], list[str] | None]:
     """Normalised splits, where each came from, and the label names of a `ClassLabel` column (else None)."""
     from datasets import ClassLabel
 
@@ -78,14 +84,14 @@ def load_hf_dataset(cfg: DataConfig, task: Task | None) -> tuple[dict[str, pd.Da
     ds = load_dataset_dict(cfg.dataset, cfg.dataset_config,
                            f"cannot load dataset '{where}': no connection to the Hugging Face Hub and not in the "
                            f"local datasets cache; give a local dataset folder or --train-file FILE instead")
-    splits = pick_splits(cfg, list(ds))
+    splits = pick_splits(cfg, list(ds), need_train)
     if "validation" not in splits:
         import logging
 
         logging.getLogger(__name__).warning(
             "dataset '%s' has no validation split (splits: %s): training without evaluation; pass "
             "--validation-split NAME to evaluate on one", cfg.dataset, ", ".join(ds))
-    train_columns = ds[splits["train"]].column_names
+    train_columns = ds[splits.get("train", next(iter(splits.values()), next(iter(ds))))].column_names
     text_columns = cfg.text_columns or (list(task.hub_text_columns) if task else None) or next(
         (list(g) for g in TEXT_GUESSES if all(c in train_columns for c in g)), None)
     if text_columns is None:
