@@ -103,8 +103,10 @@ def load_hf_dataset(cfg: DataConfig, task: Task | None, need_train: bool = True
         split = ds[theirs]
         missing = [c for c in text_columns if c not in split.column_names]
         if missing:
+            own = task and not cfg.text_columns
+            hint = f" (data.task is '{task.name}': null it for a dataset of your own)" if own else ""
             raise DataError(f"dataset '{where}' split '{theirs}' has no column {', '.join(map(repr, missing))} "
-                            f"(data.text_columns); its columns: {', '.join(split.column_names)}")
+                            f"(data.text_columns); its columns: {', '.join(split.column_names)}{hint}")
         frame = split.select_columns([*text_columns, *([label_column] if label_column in split.column_names else [])]
                                      ).to_pandas()
         df = pd.DataFrame({"text": frame[text_columns[0]].astype(str)})
