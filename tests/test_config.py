@@ -110,3 +110,20 @@ def test_attention_dropout_must_be_a_probability():
 def test_lora_recipe_trains_adapters_with_a_larger_learning_rate():
     config = load_config("lora")
     assert config.peft.method == "lora" and config.optim.learning_rate > load_config(None).optim.learning_rate
+
+def test_config_in_code_is_short_and_checked_like_the_flags():
+    from tuneloop.config import Config
+
+    config = Config.from_flags(task="sst2", learning_rate=3e-5, **{"train.epochs": 1})
+    assert (config.data.task, config.optim.learning_rate, config.train.epochs) == ("sst2", 3e-5, 1)
+    assert Config.from_dict({"train": {"epochs": 2}, "optim": {"learning_rate": "1e-4"}}).optim.learning_rate == 1e-4
+    fast = Config.from_flags("fast", epochs=1)  # a recipe, then overrides
+    assert (fast.train.batch_size, fast.train.epochs) == (32, 1)
+    copy = config.replace(batch_size=4)
+    assert copy.train.batch_size == 4 and config.train.batch_size == 8 and copy.data.task == "sst2"
+    with pytest.raises(ConfigError, match=r"^unknown option 'learning_rat' \(did you mean 'learning_rate'\?\)$"):
+        Config.from_flags(learning_rat=3e-5)
+    with pytest.raises(ConfigError, match=r"^unknown config key 'train.epoch' \(did you mean 'epochs'\?\)$"):
+        Config.from_dict({"train": {"epoch": 1}})
+    with pytest.raises(ConfigError, match="train.batch_size: must be at least 1"):
+        config.replace(batch_size=0)

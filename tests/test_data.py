@@ -211,7 +211,7 @@ def test_hub_glue_offline_uses_the_local_hf_cache(tmp_path, monkeypatch, tiny_mo
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
     # A user who is simply offline (no HF_HUB_OFFLINE set): the probe fails fast, datasets goes to its cache.
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr("tuneloop.data._hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr("tuneloop.hf_dataset.hub_reachable", lambda timeout=3.0: False)
     raw = load_raw(DataConfig(task="mrpc"))  # no --data-dir: the Hub source
     assert {k: len(v) for k, v in raw.splits.items()} == {"train": 24, "validation": 24, "test": 24}
     expected = load_raw(DataConfig(task="mrpc", data_dir=str(MRPC), max_train_samples=24)).splits["train"]
@@ -223,3 +223,152 @@ def test_hub_glue_offline_uses_the_local_hf_cache(tmp_path, monkeypatch, tiny_mo
     args = [a for a in tiny_args(tiny_model_dir, MRPC, tmp_path / "run") if a not in ("--data-dir", str(MRPC))]
     assert main(args) == 0
     assert json.loads((tmp_path / "run" / "eval_results.json").read_text())["num_examples"] == 24
+
+
+# ---------------------------------------------------------------------------------------------
+# Any Hugging Face dataset (--dataset)
+
+
+def _hub_layout_folder(root: Path, frames: dict, features) -> Path:
+    """A dataset folder as the Hub lays one out: data/<split>-00000-of-00001.parquet, features in the schema."""
+    from datasets import Dataset
+
+    (root / "data").mkdir(parents=True)
+    for split, df in frames.items():
+        Dataset.from_pandas(df, features=features, preserve_index=False).to_parquet(
+            str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    return root
+
+
+@pytest.fixture
+def sentiment_folder(tmp_path) -> Path:
+    """SST-2's first lines, single sentences with ClassLabel labels; the test split unlabeled (-1) as on the Hub."""
+    from datasets import ClassLabel, Features, Value
+
+    raw = load_raw(DataConfig(task="sst2", data_dir=str(SST2), max_train_samples=40, max_eval_samples=24))
+    frames = {s: pd.DataFrame({"sentence": df["text"], "label": df["label"] if "label" in df else -1})
+              for s, df in raw.splits.items()}
+    features = Features({"sentence": Value("string"), "label": ClassLabel(names=["negative", "positive"])})
+    return _hub_layout_folder(tmp_path / "sst2-copy", frames, features)
+
+
+def _dataset_args(model_dir, dataset, out, *extra):
+    return ["train", "--model", str(model_dir), "--dataset", str(dataset), "--output-dir", str(out), "--epochs", "1",
+            "--batch-size", "8", "--learning-rate", "1e-3", "--mixed-precision", "no", *extra]
+
+
+def test_dataset_folder_of_single_sentences_trains_and_evaluates(sentiment_folder, tiny_model_dir, tmp_path, capsys):
+    from tuneloop.cli import main
+
+    raw = load_raw(DataConfig(task=None, dataset=str(sentiment_folder)))
+    assert {s: len(df) for s, df in raw.splits.items()} == {"train": 40, "validation": 24, "test": 24}
+    assert raw.label_names == ["negative", "positive"] and not raw.is_pair and "label" not in raw.splits["test"]
+    expected = load_raw(DataConfig(task="sst2", data_dir=str(SST2), max_train_samples=40)).splits["train"]
+    assert raw.splits["train"]["label"].tolist() == expected["label"].tolist()
+    assert raw.sources["validation"] == f"dataset {sentiment_folder}, split validation"
+
+    assert main(["data", "--model", str(tiny_model_dir), "--dataset", str(sentiment_folder)]) == 0
+    shown = capsys.readouterr().out
+    assert "task: custom | single sentences | 2 labels ['negative', 'positive'] | metrics: accuracy, f1" in shown
+    assert "labels: negative:" in shown and "(unlabeled)" in shown
+
+    out = tmp_path / "run"
+    assert main(_dataset_args(tiny_model_dir, sentiment_folder, out)) == 0  # no --task: the dataset's own labels
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["num_examples"] == 24 and 0 <= results["accuracy"] <= 1 and "f1" in results
+    saved = json.loads((out / "model" / "config.json").read_text())
+    assert saved["id2label"] == {"0": "negative", "1": "positive"}
+
+
+def test_dataset_folder_of_pairs_with_class_label_names(tmp_path, tiny_model_dir):
+    from datasets import ClassLabel, Features, Value
+
+    from tuneloop.cli import main
+
+    raw = load_raw(DataConfig(task="mrpc", data_dir=str(MRPC), max_train_samples=24, max_eval_samples=16))
+    frames = {{"validation": "dev"}.get(s, s): pd.DataFrame({"first": df["text"], "second": df["text_pair"],
+                                                              "same": df["label"]})
+              for s, df in raw.splits.items() if s != "test"}
+    # Names that look like numbers: ids must map through the names, not be read as labels themselves.
+    features = Features({"first": Value("string"), "second": Value("string"), "same": ClassLabel(names=["1", "0"])})
+    folder = _hub_layout_folder(tmp_path / "pairs", frames, features)
+    out = tmp_path / "run"
+    assert main(_dataset_args(tiny_model_dir, folder, out, "--text-columns", "first,second", "--label-column", "same",
+                              "--validation-split", "dev")) == 0
+    assert json.loads((out / "eval_results.json").read_text())["num_examples"] == 16
+    assert json.loads((out / "model" / "config.json").read_text())["id2label"] == {"0": "1", "1": "0"}
+    loaded = load_raw(DataConfig(task=None, dataset=str(folder), text_columns=["first", "second"],
+                                 label_column="same", validation_split="dev"))
+    assert loaded.is_pair and loaded.splits["validation"]["label"].tolist() == raw.splits["validation"]["label"].tolist()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--validation-split", "dev"],
+     "dataset '{d}' has no split 'dev' (data.validation_split); its splits: train, validation, test"),
+    (["--text-columns", "review"],
+     "dataset '{d}' split 'train' has no column 'review' (data.text_columns); its columns: sentence, label"),
+    (["--label-column", "stars"],
+     "dataset '{d}' split 'train' has no label column 'stars' (data.label_column); its columns: sentence, label"),
+])
+def test_dataset_bad_split_or_column_is_one_line(sentiment_folder, tiny_model_dir, tmp_path, capsys, flags, message):
+    from tuneloop.cli import main
+
+    assert main(_dataset_args(tiny_model_dir, sentiment_folder, tmp_path / "run", *flags)) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "tuneloop: error: " + message.format(d=sentiment_folder)
+
+
+def test_dataset_from_the_datasets_cache_offline(tmp_path, monkeypatch):
+    """A Hub dataset by name (`someone/reviews`) that a download left in the datasets cache, read offline."""
+    import datasets
+    from datasets import ClassLabel, Features, Value
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    cache, src = tmp_path / "hf", tmp_path / "src"
+    src.mkdir()
+    rows = {"train": (["great", "awful", "fine", "bad"], [2, 0, 1, 0]), "test": (["superb", "dull"], [2, 0])}
+    files = {}
+    for split, (texts, labels) in rows.items():
+        files[split] = str(src / f"{split}.parquet")
+        pd.DataFrame({"text": texts, "label": labels}).to_parquet(files[split])
+    features = Features({"text": Value("string"), "label": ClassLabel(names=["neg", "neutral", "pos"])})
+    builder = Parquet(cache_dir=str(cache), dataset_name="reviews", config_name="default", data_files=files,
+                      features=features)
+    builder.download_and_prepare()
+    built = Path(builder.cache_dir)  # <cache>/reviews/default-<hash>/0.0.0: move it where a Hub download lands
+    target = cache / "someone___reviews" / "default" / "0.0.0" / built.parent.name.split("-")[-1]
+    target.parent.mkdir(parents=True)
+    built.rename(target)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr("tuneloop.hf_dataset.hub_reachable", lambda timeout=3.0: False)
+
+    raw = load_raw(DataConfig(task=None, dataset="someone/reviews", validation_split="test"))
+    assert raw.label_names == ["neg", "neutral", "pos"] and raw.metrics == ("accuracy", "f1_macro")
+    assert raw.splits["train"]["label"].tolist() == [2, 0, 1, 0] and list(raw.splits) == ["train", "validation"]
+    with pytest.raises(DataError, match="'someone/other': no connection to the Hugging Face Hub and not in the local"):
+        load_raw(DataConfig(task=None, dataset="someone/other"))
+
+
+def test_dataset_settings_are_checked_with_the_config():
+    from tuneloop.config import Config, ConfigError
+
+    assert Config.from_flags(dataset="imdb").data.task is None  # not the default GLUE task
+    assert Config.from_flags(dataset="nyu-mll/glue", dataset_config="sst2", task="sst2").data.task == "sst2"
+    with pytest.raises(ConfigError, match="data.dataset: give one data source"):
+        Config.from_flags(dataset="imdb", train_file="train.csv")
+    with pytest.raises(ConfigError, match="only apply with --dataset NAME"):
+        Config.from_flags(validation_split="test")
+
+
+def test_dataset_split_choice():
+    from tuneloop.hf_dataset import pick_splits
+
+    cfg = DataConfig(task=None, dataset="x")
+    assert pick_splits(cfg, ["train", "test", "unsupervised"]) == {"train": "train", "test": "test"}  # imdb
+    assert pick_splits(cfg, ["train", "dev", "test"]) == {"train": "train", "validation": "dev", "test": "test"}
+    on_test = DataConfig(task=None, dataset="x", validation_split="test")
+    assert pick_splits(on_test, ["train", "test"]) == {"train": "train", "validation": "test"}
+    with pytest.raises(DataError, match=r"^dataset 'x' has no split 'train'; its splits: test \(choose one with "
+                                        r"--train-split\)$"):
+        pick_splits(cfg, ["test"])
+    assert pick_splits(cfg, ["test"], need_train=False) == {"test": "test"}  # tuneloop eval / data

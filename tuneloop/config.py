@@ -45,6 +45,14 @@ class DataConfig:
                                            "kernel caches, compilers, tensor cores; null: exact longest)")
     group_by_length: bool = _f(True, "batch examples of similar length together (less padding, same samples per epoch)")
     cache_dir: str | None = _f(None, "where tokenised datasets are cached (default: $TUNELOOP_CACHE or ~/.cache/tuneloop)")
+    dataset: str | None = _f(None, "any Hugging Face dataset, loaded with datasets.load_dataset: a Hub name (imdb, "
+                                   "user/reviews), a local dataset folder or a `datasets` cache entry (data.task "
+                                   "becomes null unless given)")
+    dataset_config: str | None = _f(None, "the dataset's configuration (subset) name, e.g. sst2 for nyu-mll/glue")
+    train_split: str | None = _f(None, "the dataset's split to train on (null: train)")
+    validation_split: str | None = _f(None, "the dataset's split to evaluate on (null: the first of validation, "
+                                            "valid, dev, val that it has)")
+    test_split: str | None = _f(None, "the dataset's split to predict on (null: test, if it has one)")
 
 
 @dataclass
@@ -165,6 +173,22 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Config:
+        """Nested sections as in a YAML file, validated: `Config.from_dict({"train": {"epochs": 1}})`."""
+        return config_from_dict(raw)
+
+    @classmethod
+    def from_flags(cls, config_file: str | Path | None = None, **flags: Any) -> Config:
+        """Settings named like the CLI flags, validated: `Config.from_flags(task="sst2", learning_rate=3e-5)`;
+        `config_file` is a YAML file or recipe name (`"fast"`) that they override."""
+        return config_from_dict(merge(read_yaml(config_file) if config_file else {},
+                                      overrides_from_flags(flags, prefix="")))
+
+    def replace(self, **flags: Any) -> Config:
+        """A validated copy with settings named like the CLI flags changed: `config.replace(epochs=1)`."""
+        return config_from_dict(merge(self.to_dict(), overrides_from_flags(flags, prefix="")))
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -287,6 +311,8 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
             if key not in known:
                 raise ConfigError(f"unknown config key '{section}.{key}'{_suggest(key, known)}")
             kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+        if section == "data" and kwargs.get("dataset") and "task" not in kwargs:
+            kwargs["task"] = None  # a dataset of one's own, not GLUE's MRPC (the default task)
         sections[section] = cls(**kwargs)
     config = Config(**sections)
     validate(config)
@@ -340,7 +366,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def overrides_from_flags(flags: dict[str, Any]) -> dict[str, Any]:
+def overrides_from_flags(flags: dict[str, Any], prefix: str = "--") -> dict[str, Any]:
     """{'learning_rate': '3e-5', 'data.task': 'sst2'} -> nested overrides; unknown names rejected."""
     paths = field_paths()
     shorts = short_names()
@@ -349,10 +375,10 @@ def overrides_from_flags(flags: dict[str, Any]) -> dict[str, Any]:
         key = name.replace("-", "_")
         if "." not in key:
             if key not in shorts:
-                raise ConfigError(f"unknown option '--{name}'{_suggest(key, list(shorts) + list(paths))}")
+                raise ConfigError(f"unknown option '{prefix}{name}'{_suggest(key, list(shorts) + list(paths))}")
             key = shorts[key]
         elif key not in paths:
-            raise ConfigError(f"unknown option '--{name}'{_suggest(key, paths)}")
+            raise ConfigError(f"unknown option '{prefix}{name}'{_suggest(key, paths)}")
         section, fname = key.split(".")
         nested.setdefault(section, {})[fname] = value
     return nested
@@ -373,8 +399,13 @@ def validate(config: Config) -> None:
         d.task = d.task.lower().replace("-", "")
         if d.task not in TASKS:
             raise ConfigError(f"data.task: unknown task '{d.task}'{_suggest(d.task, TASKS)}; known: {', '.join(TASKS)}")
-    elif not d.train_file and not d.validation_file and not d.test_file:
-        raise ConfigError("data.task is null, so give your own data with --train-file / --validation-file")
+    elif not d.train_file and not d.validation_file and not d.test_file and not d.dataset:
+        raise ConfigError("data.task is null, so give your own data with --train-file / --validation-file "
+                          "or --dataset NAME")
+    if d.dataset and (d.data_dir or d.train_file or d.validation_file or d.test_file):
+        raise ConfigError("data.dataset: give one data source: --dataset, --data-dir or --train-file/--validation-file")
+    if not d.dataset and (d.dataset_config or d.validation_split or d.test_split or d.train_split):
+        raise ConfigError("data.dataset_config/train_split/validation_split/test_split: only apply with --dataset NAME")
     if d.text_columns is not None and not 1 <= len(d.text_columns) <= 2:
         raise ConfigError(f"data.text_columns: give one or two columns, got {d.text_columns}")
     positive = {

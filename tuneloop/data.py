@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import pandas as pd
 
 from tuneloop.config import DataConfig
 from tuneloop.errors import DataError
+from tuneloop.hf_dataset import load_dataset_dict, load_hf_dataset
 from tuneloop.tasks import TASKS, Task, TsvLayout
 
 log = logging.getLogger(__name__)
@@ -127,38 +127,12 @@ def read_glue_tsv(path: Path, layout: TsvLayout) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    host = constants.ENDPOINT.split("://")[-1].split("/")[0]
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def load_hub_glue(task: Task) -> dict[str, pd.DataFrame]:
     """GLUE from the Hugging Face Hub (`nyu-mll/glue`); offline, only what the local HF cache holds."""
-    import datasets
-
     offline_hint = (f"cannot load GLUE '{task.name}' from the Hugging Face Hub (no connection and not in the local "
                     f"cache); give local data instead: --data-dir path/to/glue_data/{task.name.upper()} "
                     f"or --train-file FILE --validation-file FILE")
-    reachable = _hub_reachable()
-    old = datasets.config.HF_HUB_OFFLINE
-    if not reachable:
-        datasets.config.HF_HUB_OFFLINE = True  # go straight to the cache instead of retrying for minutes
-    try:
-        ds = datasets.load_dataset(HUB_DATASET, task.name)
-    except Exception as e:
-        if not reachable:
-            raise DataError(offline_hint) from None
-        raise DataError(f"cannot load {HUB_DATASET}/{task.name} from the Hub: {str(e).splitlines()[0]}") from None
-    finally:
-        datasets.config.HF_HUB_OFFLINE = old
+    ds = load_dataset_dict(HUB_DATASET, task.name, offline_hint)
     out = {}
     for ours, theirs in task.hub_splits.items():
         if theirs not in ds:
@@ -283,7 +257,10 @@ def load_raw(cfg: DataConfig, label_names: list[str] | None = None, need_train: 
     """
     task = TASKS[cfg.task] if cfg.task else None
     user_files = cfg.train_file or cfg.validation_file or cfg.test_file
-    if user_files:
+    class_names = None  # a dataset's ClassLabel names
+    if cfg.dataset:
+        splits, sources, class_names = load_hf_dataset(cfg, task, need_train)
+    elif user_files:
         splits, sources = load_user_files(cfg, task)
     elif cfg.data_dir:
         splits = load_glue_dir(task, cfg.data_dir)
@@ -301,6 +278,8 @@ def load_raw(cfg: DataConfig, label_names: list[str] | None = None, need_train: 
     if label_names is None:
         if task is not None:
             label_names = None if task.is_regression else list(task.label_names)
+        elif class_names is not None:
+            label_names = class_names
         elif "train" in splits:
             label_names = infer_label_names(splits["train"]["label"])
         else:

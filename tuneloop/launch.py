@@ -203,7 +203,8 @@ def check_processes(config: Config, accelerator) -> None:
     if launched_world_size() is None and total_processes(launch) > 1:
         raise TuneloopError(f"launch.num_processes={launch.num_processes} x num_machines={launch.num_machines}: "
                             f"start the job with `tuneloop train --num-processes N`, torchrun or accelerate launch; "
-                            f"the Python API runs in this process only")
+                            f"the Python API runs in this process only: use tuneloop.notebook_launch(config, "
+                            f"num_processes=N) to start several from Python")
     n = accelerator.num_processes
     local = os.environ.get("LOCAL_WORLD_SIZE", "")
     if local.isdigit():  # torchrun and accelerate launch say how many processes each machine runs

@@ -44,14 +44,13 @@ class MetricsLog:
 
 def plot_learning_curves(records: list[dict[str, Any]], out_path: str | Path, main_metric: str) -> Path:
     """Training loss, learning rate and the task's main eval metric against optimizer steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own, not pyplot: no backend switch, so a notebook's inline plots keep working.
+    from matplotlib.figure import Figure
 
     train = [r for r in records if r.get("type") == "train"]
     evals = [r for r in records if r.get("type") == "eval"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+    fig = Figure(figsize=(15, 4), layout="constrained")
+    axes = fig.subplots(1, 3)
     axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], marker=".", label="train loss")
     if evals:
         axes[0].plot([r["step"] for r in evals], [r.get("loss") for r in evals], marker="o", label="eval loss")
@@ -65,7 +64,6 @@ def plot_learning_curves(records: list[dict[str, Any]], out_path: str | Path, ma
         ax.grid(alpha=0.3)
     out_path = Path(out_path)
     fig.savefig(out_path, dpi=100)
-    plt.close(fig)
     return out_path
 
 
