@@ -103,9 +103,12 @@ def test_tiny_rows_ratio_and_table_name_the_device():
 def test_matmul_peak_reports_its_device_and_precision():
     from benchmarks.flops import matmul_peak
 
+    before = torch.get_float32_matmul_precision()
     peak = matmul_peak("fp32", n=64, reps=2, warmup=1)
     assert peak["device"] == "cpu" and peak["dtype"] == "fp32" and peak["peak_flops_per_second"] > 0
-    assert torch.get_float32_matmul_precision() == "highest"  # the tf32 setting does not leak
+    assert matmul_peak("tf32", n=64, reps=2, warmup=1)["dtype"] == "tf32"
+    assert torch.get_float32_matmul_precision() == before  # the tf32 setting does not leak
+
 
 def test_efficiency_plan_runs_every_row_once_before_more_seeds():
     from benchmarks.efficiency import parse_args, plan, trainable_parameters

@@ -250,3 +250,31 @@ def test_bf16_autocast_on_cpu(tiny_model_dir, data, reference, tmp_path, capsys)
     assert all(w.dtype == torch.float32 for w in wb.values())  # autocast: fp32 weights, bf16 matmuls
     diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     assert 0 < diff < 1e-2
+
+
+def test_a_signal_on_one_process_stops_all_at_the_next_logging_step(tiny_model_dir, data, tmp_path):
+    # Process 1 is signalled during optimizer step 3; the processes agree on logging steps (every 4), so all
+    # of them finish step 4, write its checkpoint together and stop.
+    script = tmp_path / "signalled.py"
+    script.write_text("import os, sys\n"
+                      "import tuneloop.recipe as recipe\n"
+                      "from tuneloop.guard import StepGuard\n"
+                      "from tuneloop.cli import main\n"
+                      "runs, loop, check = [], recipe.train_loop, StepGuard.check\n"
+                      "recipe.train_loop = lambda run: runs.append(run) or loop(run)\n"
+                      "def signalled(self, window_loss, step):\n"
+                      "    if os.environ['RANK'] == '1' and step == 3:\n"
+                      "        runs[0].stop.signal_name = 'SIGTERM'\n"
+                      "    return check(self, window_loss, step)\n"
+                      "StepGuard.check = signalled\n"
+                      "sys.exit(main())\n")
+    out = tmp_path / "out"
+    args = train_args(tiny_model_dir, data, out, "--batch-size", "2", "--log-every", "4", "--timeout", "60",
+                      "--max-train-samples", "32")
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                *args], timeout=180)
+    assert proc.returncode != 0
+    assert "stopped by a signal on another process after optimizer step 4" in proc.stderr, proc.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004"]
+    state = json.loads((out / "checkpoints" / "step-000004" / "training_state.json").read_text())
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (4, 0, 4)  # resumable mid-epoch (8 steps)

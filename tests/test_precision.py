@@ -45,16 +45,20 @@ def test_auto_on_gpu_keeps_small_models_in_fp32_with_tf32_matmuls(monkeypatch, t
     assert resolve_mixed_precision("auto", use_cpu=True, hidden_size=32) == "bf16"
 
 
-def test_tf32_is_fp32_for_accelerate_and_switches_tf32_matmuls_on_only_on_gpus(monkeypatch):
+def test_tf32_is_fp32_for_accelerate_and_switches_tf32_matmuls_on_only_on_gpus():
     from tuneloop.precision import accelerate_precision, apply_tf32
 
     assert [accelerate_precision(p) for p in ("tf32", "no", "bf16", "fp16")] == ["no", "no", "bf16", "fp16"]
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    apply_tf32("tf32", "cpu")
-    apply_tf32("bf16", "cuda")
-    assert torch.backends.cuda.matmul.allow_tf32 is False
-    apply_tf32("tf32", "cuda")
-    assert torch.backends.cuda.matmul.allow_tf32 is True
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        apply_tf32("tf32", "cpu")
+        apply_tf32("bf16", "cuda")
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+        apply_tf32("tf32", "cuda")
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:  # a process-wide switch (torch's own attributes, which monkeypatch cannot restore on every release)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def test_compiled_and_eager_models_give_the_same_loss():
