@@ -45,7 +45,8 @@ def test_training_stops_early_at_the_expected_step(tiny_model_dir, mrpc_slice, t
     out = tmp_path / "run"
     # A learning rate this small leaves every prediction unchanged: no evaluation after the first is better.
     assert main(tiny_args(tiny_model_dir, mrpc_slice, out, "--epochs", "3", "--learning-rate", "1e-12",
-                          "--eval-every", "2", "--early-stopping-patience", "2", "--report-to", "none")) == 0
+                          "--eval-every", "2", "--early-stopping-patience", "2", "--report-to", "none",
+                          "--max-eval-samples", "16")) == 0
     assert "tuneloop: early stopping at optimizer step 6" in capsys.readouterr().out
     results = json.loads((out / "eval_results.json").read_text())
     assert (results["step"], results["best_step"], results["stopped_early"]) == (6, 2, True)
@@ -55,7 +56,8 @@ def test_training_stops_early_at_the_expected_step(tiny_model_dir, mrpc_slice, t
 
 
 def test_best_model_weights_equal_the_best_checkpoint(tiny_model_dir, mrpc_slice, tmp_path):
-    common = ["--epochs", "3", "--learning-rate", "3e-3", "--load-best-model", "--report-to", "none"]
+    common = ["--epochs", "3", "--learning-rate", "3e-3", "--load-best-model", "--report-to", "none",
+              "--max-train-samples", "16", "--max-eval-samples", "16"]
     out = tmp_path / "ckpt"
     assert main(tiny_args(tiny_model_dir, mrpc_slice, out, *common)) == 0
     results = json.loads((out / "eval_results.json").read_text())

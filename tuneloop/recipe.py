@@ -36,7 +36,7 @@ from tuneloop.signals import StopRequest
 from tuneloop.card import push_to_hub, write_model_card
 from tuneloop.early_stopping import load_best_weights
 from tuneloop.report import dev_predictions, run_summary, write_predictions
-from tuneloop.tracking import MetricsLog, plot_learning_curves, start_trackers, tracker_kwargs
+from tuneloop.tracking import MetricsLog, finish_trackers, plot_learning_curves, start_trackers, tracker_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -245,18 +245,21 @@ def train(config: Config, hooks: list | None = None) -> dict[str, float]:
     started = time.perf_counter()
     try:
         results = train_loop(run)
+    except BaseException:
+        finish_trackers(accelerator)  # a stopped, pruned or failed run still closes its event files
+        raise
     finally:
         run.stop.restore()
-        accelerator.end_training()
     seconds = time.perf_counter() - started
     accelerator.wait_for_everyone()
     best = {"main_metric": run.main_metric, "best_metric": state.best_metric, "best_step": state.best_step,
             "stopped_early": state.stopped_early}
     if config.eval.load_best_model:
         best["best_model"] = load_best_weights(run, out)
-        results = next(r for r in reversed(metrics_log.records()) if r.get("type") == "eval"
-                       and r["step"] == state.best_step)
-        results = {k: v for k, v in results.items() if k not in ("type", "step", "epoch")}
+        best_eval = next((r for r in reversed(metrics_log.records()) if r.get("type") == "eval"
+                          and r["step"] == state.best_step), None)  # the log is on process 0's machine
+        if best_eval is not None:
+            results = {k: v for k, v in best_eval.items() if k not in ("type", "step", "epoch")}
     if run.eval_dataloaders:
         predictions = dev_predictions(run)  # every process takes part in the gathers
     if accelerator.is_main_process:
@@ -267,8 +270,9 @@ def train(config: Config, hooks: list | None = None) -> dict[str, float]:
             write_predictions(predictions, out / "predictions.jsonl")
         write_json(out / "run_summary.json", run_summary(run, seconds))
         write_model_card(out / "model", config, results, run.raw.task_name, run.raw.metrics)
-        if config.output.push_to_hub:
-            push_to_hub(out / "model", config.output.push_to_hub)
+    accelerator.end_training()
+    if accelerator.is_main_process and config.output.push_to_hub:
+        push_to_hub(out / "model", config.output.push_to_hub)
     return results
 
 

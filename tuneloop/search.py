@@ -245,11 +245,19 @@ def search(base: Config, space_file: str | None = None, storage: str | None = No
               f"objective {main_metric} (maximise)", flush=True)
         stop = optuna.study.MaxTrialsCallback(n_trials, states=tuple(getattr(optuna.trial.TrialState, s)
                                                                      for s in FINISHED_STATES))
-        study.optimize(objective, timeout=timeout, catch=(Exception,), callbacks=[stop])
+        try:
+            study.optimize(objective, timeout=timeout, catch=(Exception,), callbacks=[stop])
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: still write what the study holds, then stop
+            from tuneloop.signals import Interrupted
+
+            write_results(study, base, space, out, url, main_metric, require_complete=False)
+            raise Interrupted(f"search stopped by a signal; the study is in {_masked(url)}: "
+                              f"run the same command to continue it") from None
     return write_results(study, base, space, out, url, main_metric)
 
 
-def write_results(study, base: Config, space: dict[str, Any], out: Path, url: str, main_metric: str) -> dict[str, Any]:
+def write_results(study, base: Config, space: dict[str, Any], out: Path, url: str, main_metric: str,
+                  require_complete: bool = True) -> dict[str, Any]:
     """trials.csv, optimisation history and parameter importance plots, best_config.yaml, search_summary.json."""
     optuna = _optuna()
     frame = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration",
@@ -283,7 +291,7 @@ def write_results(study, base: Config, space: dict[str, Any], out: Path, url: st
         lines.append(f"wrote {out / 'best_config.yaml'}, {out / 'trials.csv'} and plots; "
                      f"train it with: tuneloop train --config {out / 'best_config.yaml'}")
     print("\n".join(lines), flush=True)
-    if not complete:
+    if not complete and require_complete:
         errors = [t.user_attrs["error"] for t in study.trials if "error" in t.user_attrs]
         raise TuneloopError(f"no trial of study '{study.study_name}' completed"
                             + (f"; first error: {errors[0]}" if errors else ""))

@@ -122,6 +122,12 @@ def start_trackers(accelerator, config, metrics_log: MetricsLog) -> None:
     metrics_log.sinks.append(lambda record: log_to_trackers(accelerator, record))
 
 
+def finish_trackers(accelerator) -> None:
+    """Close the trackers without ending the process group (Accelerate's end_training does both)."""
+    for tracker in getattr(accelerator, "trackers", []):
+        tracker.finish()
+
+
 def log_to_trackers(accelerator, record: dict[str, Any]) -> None:
     """Numeric values of train and eval records, as `train/loss`, `eval/accuracy`, at their optimizer step."""
     kind = record.get("type")
