@@ -74,16 +74,16 @@ def test_two_cpu_processes_from_python_give_the_metrics_of_one(tiny_model_dir, d
 
 
 def test_a_process_that_raises_ends_the_launch_with_its_error(tiny_model_dir, data, tmp_path, monkeypatch):
-    import tuneloop.loop as loop
+    from tuneloop.guard import StepGuard
 
-    check = loop.check_step
+    check = StepGuard.check
 
-    def failing(run, window_loss):  # forked processes inherit the patch
-        if os.environ["RANK"] == "1" and run.state.step == 1:
+    def failing(self, window_loss, step):  # forked processes inherit the patch
+        if os.environ["RANK"] == "1" and step == 2:
             raise RuntimeError("process 1 broke")
-        return check(run, window_loss)
+        return check(self, window_loss, step)
 
-    monkeypatch.setattr(loop, "check_step", failing)
+    monkeypatch.setattr(StepGuard, "check", failing)
     start = time.monotonic()
     with pytest.raises(LaunchError) as info:
         tuneloop.notebook_launch(num_processes=2, timeout=60, **settings(tiny_model_dir, data, tmp_path / "out",
