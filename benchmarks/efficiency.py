@@ -40,6 +40,7 @@ DEFAULT_DATA_DIR = "../shared/data/glue/MRPC"
 TRAIN_ROWS = {
     "full": ([], "all"),
     "lora": (["--config", "lora"], "all"),
+    "lora_lr1e-3": (["--config", "lora", "--learning-rate", "1e-3"], "first"),  # the recipe's learning rate, doubled
     "adalora": (["--config", "lora", "--peft", "adalora"], "first"),
     "full_8bit": (["--optimizer", "adamw_8bit"], "first"),
 }
@@ -77,7 +78,9 @@ def train_row(row: str, seed: int, args) -> dict[str, Any]:
     if args.model:
         cmd += ["--model", args.model]
     if args.max_train_samples:
-        cmd += ["--max-train-samples", str(args.max_train_samples), "--epochs", str(args.epochs)]
+        cmd += ["--max-train-samples", str(args.max_train_samples)]
+    if args.epochs:
+        cmd += ["--epochs", str(args.epochs)]
     print(f"[{row} seed {seed}] running (log: {run_dir}/log.txt)", flush=True)
     load_before = os.getloadavg()[0]
     run = {"row": row, "seed": seed, "command": cmd, "load_average_before": load_before,
@@ -234,10 +237,14 @@ def targets(summary: dict[str, Any], predictions: list[dict[str, Any]]) -> list[
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Full vs LoRA vs AdaLoRA, 8- vs 32-bit AdamW, fp32 vs int8 prediction.")
-    parser.add_argument("--rows", default=",".join(TRAIN_ROWS), help=f"training rows (default: {','.join(TRAIN_ROWS)})")
+    default_rows = [r for r in TRAIN_ROWS if r != "lora_lr1e-3"]
+    parser.add_argument("--rows", default=",".join(default_rows),
+                        help=f"training rows (default: {','.join(default_rows)}; also: lora_lr1e-3)")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the full and lora rows (others: the first)")
     parser.add_argument("--no-predict", action="store_true", help="skip the fp32/int8 prediction rows")
     parser.add_argument("--quick", action="store_true", help="smoke check: 256 training examples, 1 epoch, seed 0")
+    parser.add_argument("--max-train-samples", type=int, default=None, help="train every row on the first N examples")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of every row (with --max-train-samples)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--model", default=None, help="model of every row (default: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--work-dir", default=None, help="outputs and logs (default: benchmarks/runs/efficiency-<time>)")
@@ -247,7 +254,8 @@ def parse_args(argv=None):
     if unknown := [r for r in args.rows if r not in TRAIN_ROWS]:
         parser.error(f"unknown row(s) {unknown}; choose from {', '.join(TRAIN_ROWS)}")
     args.seeds = [int(s) for s in args.seeds.split(",")]
-    args.max_train_samples, args.epochs = (256, 1) if args.quick else (None, None)
+    if args.quick:
+        args.max_train_samples, args.epochs = 256, 1
     if args.quick:
         args.seeds = args.seeds[:1]
     args.data_dir = str(Path(args.data_dir).resolve() if args.data_dir else (ROOT / DEFAULT_DATA_DIR).resolve())
