@@ -189,7 +189,7 @@ def tables(summary: dict[str, Any], predictions: list[dict[str, Any]]) -> str:
              "checkpoint MB | optimizer state MB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row, s in summary.items():
         if not s.get("runs_ok"):
-            lines.append(f"| {row} | failed | | | | | | | |")
+            lines.append(f"| {row} | {'failed' if s.get('runs') else 'not run'} | | | | | | | |")
             continue
         share = f"{s['trainable_params']:,} ({100 * s['trainable_params'] / s['total_params']:.2f}%)" \
             if "trainable_params" in s else "?"
