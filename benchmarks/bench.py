@@ -1,6 +1,6 @@
 """The benchmark: the course loop, the HF Trainer and tuneloop, side by side on the same data and machine.
 
-    python benchmarks/bench.py                 # full: 4 rows, seed 0, 3 epochs of MRPC (about 40 minutes here)
+    python benchmarks/bench.py                 # full: rows a-f, seed 0, 3 epochs of MRPC (e, f: 1 epoch; about 40 minutes here)
     python benchmarks/bench.py --quick         # smoke check: the first 512 training examples, 2 epochs
     python benchmarks/bench.py --seeds 0,1,2 --rows a,d --out benchmarks/results-seeds.json
 
@@ -380,7 +380,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Course loop vs HF Trainer vs tuneloop on MRPC (see benchmarks/README.md).")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke check: the first {QUICK['max_train_samples']} training examples, {QUICK['epochs']} epochs, every row")
-    parser.add_argument("--rows", default="a,b,c,d", help="rows to run, in order (default: a,b,c,d)")
+    parser.add_argument("--rows", default="a,b,c,d,e,f", help="rows to run, in order (default: a,b,c,d,e,f; g: compiled, for GPUs)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; every row runs once per seed (default: 0)")
     parser.add_argument("--out", default=None, help="JSON results (default: benchmarks/results.json, with --quick results-quick.json)")
     parser.add_argument("--data-dir", default=None, help=f"GLUE MRPC folder (default: {DEFAULT_DATA_DIR} from the repository root)")
