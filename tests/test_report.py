@@ -82,7 +82,7 @@ def test_report_of_a_run_renders_in_chromium(finished_run, tmp_path, capsys):
     log = screenshot(html_path, png)
     assert page_console(log, html_path) == []  # no console message from the page (errors, failed loads)
     # The pictures really render: the learning-rate curve's orange and the confusion matrix's dark blue.
-    assert colour_share(png, (255, 127, 14)) > 1e-4
+    assert colour_share(png, (255, 127, 14)) > 2e-5  # 50+ pixels of the exact curve colour
     assert colour_share(png, (8, 48, 107)) > 1e-3
 
 

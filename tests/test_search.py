@@ -61,13 +61,15 @@ def test_killed_search_resumes_and_two_workers_share_the_study(tiny_model_dir, m
     assert len(optuna.get_all_study_names(storage)) == 1
     assert after[0].datetime_start == before[0].datetime_start  # the same study, not a new one
     finished = [t for t in after if t.state.name in ("COMPLETE", "PRUNED", "FAIL")]
-    assert 4 <= len(finished) <= 5  # each worker stops once the study holds 4; both may finish one last trial
+    assert 4 <= len(finished) <= 6  # each worker stops once the study holds 4; both may finish one last trial
     numbers = [t.number for t in after]
     assert numbers == list(range(len(after)))  # distinct trial numbers, none run twice
     new = after[2:]
     assert len({t.user_attrs["worker"] for t in new}) == 2  # both workers took trials
     assert len({t.user_attrs["run_dir"] for t in after}) == len(after)
-    assert all((out / f"trial-{t.number:04d}" / "eval_results.json").exists() for t in finished)  # folders kept
+    # Every complete trial's run folder is kept. (Once its heartbeat is 3 min old, the killed trial is failed
+    # and retried by a worker, which on a slow machine happens within this test.)
+    assert all((out / f"trial-{t.number:04d}" / "eval_results.json").exists() for t in after if t.state.name == "COMPLETE")
 
     table = (out / "trials.csv").read_text().splitlines()
     assert table[0].startswith("number,f1,") and len(table) == len(after) + 1
