@@ -270,10 +270,21 @@ def train(config: Config, hooks: list | None = None) -> dict[str, float]:
             write_predictions(predictions, out / "predictions.jsonl")
         write_json(out / "run_summary.json", run_summary(run, seconds))
         write_model_card(out / "model", config, results, run.raw.task_name, run.raw.metrics)
-    accelerator.end_training()
+    end_training(run)
     if accelerator.is_main_process and config.output.push_to_hub:
         push_to_hub(out / "model", config.output.push_to_hub)
     return results
+
+
+def end_training(run: Run) -> None:
+    """Close trackers and the process group, dropping DDP's reducer first.
+
+    Otherwise the reducer outlives the group and, as its last owner, destroys it while holding the GIL; the
+    destructor joins gloo's worker threads, and one of them may still need the GIL to free the last gathered
+    tensor: a deadlock that hung process 1 at exit in about one two-process run in five (pytorch#56297)."""
+    run.model = run.accelerator.unwrap_model(run.model)
+    run.accelerator.free_memory()
+    run.accelerator.end_training()
 
 
 def evaluate_model(config: Config) -> dict[str, dict[str, float]]:
