@@ -115,3 +115,12 @@ def test_failed_run_leaves_an_existing_run_untouched(trained, tiny_model_dir, ca
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(Exception, match="train file not found"):
         main(["train", "--task", "null", "--train-file", str(tmp_path / "x.csv"), "--debug"])
+
+
+def test_help_names_value_types_plainly(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "--max-length INT" in text and "--learning-rate FLOAT" in text and "--max-train-samples INT | NONE" in text
+    assert "<CLASS" not in text.upper()

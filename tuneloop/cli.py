@@ -21,7 +21,7 @@ COMMAND_OPTIONS = {"config", "print_config", "debug"}
 
 
 def _metavar(tp: Any) -> str:
-    text = str(tp).replace("typing.", "").replace("NoneType", "null")
+    text = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "").replace("NoneType", "null")
     return text if len(text) < 30 else "VALUE"
 
 
