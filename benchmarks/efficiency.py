@@ -7,6 +7,8 @@
 Training rows (each a fresh `python -m tuneloop train` process, one after another, default model):
   full       the default command (`tuneloop train --task mrpc`): every weight trains, 32-bit AdamW   (all seeds)
   lora       `--config lora` (tuneloop/recipes/lora.yaml)                                          (all seeds)
+  lora_lr1e-3  `--config lora --learning-rate 1e-3`                                              (first seed)
+  lora_plus  `--config lora --optim.loraplus_lr_ratio 16` (LoRA+)                                 (first seed)
   adalora    `--config lora --peft adalora`                                                       (first seed)
   full_8bit  the default command with `--optimizer adamw_8bit` (bitsandbytes)                     (first seed)
 Prediction rows, on the model of the `full` row's first seed (the default command's model), all 408 dev pairs:
@@ -41,6 +43,7 @@ TRAIN_ROWS = {
     "full": ([], "all"),
     "lora": (["--config", "lora"], "all"),
     "lora_lr1e-3": (["--config", "lora", "--learning-rate", "1e-3"], "first"),  # the recipe's learning rate, doubled
+    "lora_plus": (["--config", "lora", "--optim.loraplus_lr_ratio", "16"], "first"),  # LoRA+: B matrices at 16x
     "adalora": (["--config", "lora", "--peft", "adalora"], "first"),
     "full_8bit": (["--optimizer", "adamw_8bit"], "first"),
 }
