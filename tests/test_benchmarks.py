@@ -114,7 +114,8 @@ def test_efficiency_plan_runs_every_row_once_before_more_seeds():
     from benchmarks.efficiency import parse_args, plan, trainable_parameters
 
     steps = plan(parse_args(["--seeds", "0,1,2"]))
-    assert steps[:6] == [("full", 0), ("predict", 0), ("lora", 0), ("adalora", 0), ("full_8bit", 0), ("full", 1)]
-    assert steps[6:] == [("lora", 1), ("full", 2), ("lora", 2)]
+    assert steps[:7] == [("full", 0), ("predict", 0), ("lora", 0), ("lora_plus", 0), ("adalora", 0), ("full_8bit", 0),
+                         ("full", 1)]
+    assert steps[7:] == [("lora", 1), ("full", 2), ("lora", 2)]
     line = "... | 1377 optimizer steps | peft lora: trainable 338,306 of 23,051,266 parameters (1.47%)"
     assert trainable_parameters(line) == {"trainable_params": 338306, "total_params": 23051266}
