@@ -72,3 +72,33 @@ def tiny_args(model_dir: Path, data_dir: Path, out: Path, *extra: str) -> list[s
     return ["train", "--model", str(model_dir), "--data-dir", str(data_dir), "--output-dir", str(out),
             "--epochs", "1", "--batch-size", "8", "--learning-rate", "1e-3", "--log-every", "2", "--mixed-precision", "no",
             *extra]
+
+
+def small_config(model_dir: Path, data_dir: Path, out: Path, checkpoint_every_epoch: bool = True, **train):
+    """A Config for the loop tests: max length 48, lr 1e-3, one epoch of batch 4, a log line every 5 steps."""
+    from tuneloop.config import Config
+
+    c = Config()
+    c.model.name_or_path = str(model_dir)
+    c.data.data_dir = str(data_dir)
+    c.data.max_length = 48
+    c.output.output_dir = str(out)
+    c.optim.learning_rate = 1e-3
+    c.train.epochs, c.train.batch_size, c.train.log_every = 1, 4, 5
+    c.checkpoint.checkpoint_every_epoch = checkpoint_every_epoch
+    for k, v in train.items():
+        setattr(c.train, k, v)
+    return c
+
+
+def load_weights(path) -> dict:
+    """A safetensors file's tensors under the names the model uses. transformers 5.0.0's save_pretrained writes
+    LayerNorm parameters under their legacy names (gamma, beta) and loads them back as weight, bias."""
+    from safetensors.torch import load_file
+
+    legacy = {"gamma": "weight", "beta": "bias"}
+    out = {}
+    for key, value in load_file(str(path)).items():
+        head, _, last = key.rpartition(".")
+        out[f"{head}.{legacy[last]}" if "LayerNorm" in head and last in legacy else key] = value
+    return out

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MRPC, tiny_args
+from conftest import MRPC, load_weights, tiny_args
 from tuneloop.checkpoint import list_checkpoints
 from tuneloop.cli import main
 
@@ -61,8 +61,8 @@ def lora_run(tiny_dropout_model_dir, tmp_path_factory):
 def test_lora_trains_only_adapters_and_head(lora_run, tiny_dropout_model_dir):
     out, proc = lora_run
     assert "peft lora: trainable" in proc.stdout and "parameters (" in proc.stdout
-    original = load_file(str(tiny_dropout_model_dir / "model.safetensors"))
-    merged = load_file(str(out / "model-merged" / "model.safetensors"))
+    original = load_weights(tiny_dropout_model_dir / "model.safetensors")
+    merged = load_weights(out / "model-merged" / "model.safetensors")
     adapter_config = json.loads((out / "model" / "adapter_config.json").read_text())
     targets = set(adapter_config["target_modules"])
     assert {t.rsplit(".", 1)[-1] for t in targets} == {"query", "key", "value", "dense"}

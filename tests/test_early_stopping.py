@@ -6,9 +6,8 @@ import json
 from types import SimpleNamespace
 
 import torch
-from safetensors.torch import load_file
 
-from conftest import tiny_args
+from conftest import load_weights, tiny_args
 from tuneloop.cli import main
 from tuneloop.config import Config
 from tuneloop.early_stopping import after_evaluation
@@ -67,9 +66,9 @@ def test_best_model_weights_equal_the_best_checkpoint(tiny_model_dir, mrpc_slice
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     best_eval = next(r for r in evals if r["type"] == "eval" and r["step"] == best)
     assert results["f1"] == best_eval["f1"] and results["loss"] == best_eval["loss"]  # the best model's metrics
-    saved = load_file(out / "model" / "model.safetensors")
-    kept = load_file(out / "checkpoints" / f"step-{best:06d}" / "model.safetensors")
-    final = load_file(out / "checkpoints" / f"step-{last:06d}" / "model.safetensors")
+    saved = load_weights(out / "model" / "model.safetensors")
+    kept = load_weights(out / "checkpoints" / f"step-{best:06d}" / "model.safetensors")
+    final = load_weights(out / "checkpoints" / f"step-{last:06d}" / "model.safetensors")
     assert saved.keys() == kept.keys() and all(torch.equal(saved[k], kept[k]) for k in saved)
     assert any(not torch.equal(saved[k], final[k]) for k in saved)
 
@@ -78,5 +77,5 @@ def test_best_model_weights_equal_the_best_checkpoint(tiny_model_dir, mrpc_slice
     assert main(tiny_args(tiny_model_dir, mrpc_slice, mem, *common, "--checkpoint-every-epoch", "false")) == 0
     assert json.loads((mem / "eval_results.json").read_text())["best_model"] == "in-memory copy"
     assert not (mem / "checkpoints").exists()
-    again = load_file(mem / "model" / "model.safetensors")
+    again = load_weights(mem / "model" / "model.safetensors")
     assert all(torch.equal(saved[k], again[k]) for k in saved)

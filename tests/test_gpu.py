@@ -9,23 +9,14 @@ import pytest
 import torch
 
 import tuneloop
-from tuneloop.config import Config
+from conftest import small_config
 from tuneloop.guard import StepGuard
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def _config(model_dir, data_dir, out, **train):
-    c = Config()
-    c.model.name_or_path = str(model_dir)
-    c.data.data_dir = str(data_dir)
-    c.data.max_length = 48
-    c.output.output_dir = str(out)
-    c.optim.learning_rate = 1e-3
-    c.train.epochs, c.train.batch_size, c.train.log_every = 1, 4, 5
-    for k, v in train.items():
-        setattr(c.train, k, v)
-    return c
+    return small_config(model_dir, data_dir, out, **train)
 
 
 def _records(out):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tuneloop
-from tuneloop.config import Config
+from conftest import small_config
 from tuneloop.guard import StepGuard
 
 # Every way a tensor's value reaches Python (each one waits for the device to finish its queued work).
@@ -17,17 +17,7 @@ HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__",
 
 
 def _config(model_dir, data_dir, out, **train):
-    c = Config()
-    c.model.name_or_path = str(model_dir)
-    c.data.data_dir = str(data_dir)
-    c.data.max_length = 48
-    c.output.output_dir = str(out)
-    c.optim.learning_rate = 1e-3
-    c.train.epochs, c.train.batch_size, c.train.log_every = 1, 4, 5
-    c.checkpoint.checkpoint_every_epoch = False
-    for k, v in train.items():
-        setattr(c.train, k, v)
-    return c
+    return small_config(model_dir, data_dir, out, checkpoint_every_epoch=False, **train)
 
 
 @pytest.mark.parametrize("precision, accumulation", [("no", 1), ("bf16", 2)])
