@@ -27,7 +27,7 @@ test-min: $(VENV_MIN)/.installed
 $(VENV_MIN)/.installed: constraints-min.txt pyproject.toml
 	rm -rf $(VENV_MIN)
 	$(PYTHON) -m venv $(VENV_MIN)
-	$(VENV_MIN)/bin/pip install -q -e ".[dev]" -c constraints-min.txt
+	$(VENV_MIN)/bin/pip install -q -e ".[test]" -c constraints-min.txt
 	$(VENV_MIN)/bin/python -c "import torch, transformers, accelerate, datasets as d; print('test-min:', torch.__version__, transformers.__version__, accelerate.__version__, d.__version__)"
 	touch $@
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +14,11 @@ import pytest
 from conftest import MRPC
 from tuneloop.cli import main
 from tuneloop.predict import predict_rows
+
+
+# int8 export writes torchao weights; torchao (tuneloop[int8]) needs torch >= 2.11, so `make test-min` runs without it.
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
+                                   reason="int8 export needs torchao: pip install 'tuneloop[int8]'")
 
 
 @pytest.fixture(scope="module")
@@ -40,31 +46,32 @@ def test_int8_predictions_agree_with_fp32(tiny_model_dir, rows, fp32):
     assert max(diffs) < 0.01 and sum(diffs) > 0  # close, and really computed differently
 
 
-def test_export_loads_in_a_fresh_process_without_tuneloop(tiny_model_dir, rows, fp32, tmp_path):
+@pytest.mark.parametrize("quantize", [None, pytest.param("int8", marks=needs_torchao)])
+def test_export_loads_in_a_fresh_process_without_tuneloop(tiny_model_dir, rows, fp32, tmp_path, quantize):
     rows.head(8).to_json(tmp_path / "in.jsonl", orient="records", lines=True)
-    for quantize in (None, "int8"):
-        out = tmp_path / f"export-{quantize}"
-        assert main(["export", "--model-dir", str(tiny_model_dir), "--output-dir", str(out),
-                     *(["--quantize", quantize] if quantize else [])]) == 0
-        config = json.loads((out / "config.json").read_text())
-        assert ("quantization_config" in config) == (quantize == "int8")
-        # Only transformers (+ torchao for int8): tuneloop is made unimportable in the child.
-        script = ("import sys, json; sys.modules['tuneloop'] = None\n"
-                  "from transformers import pipeline\n"
-                  "rows = [json.loads(l) for l in open(sys.argv[2])]\n"
-                  "clf = pipeline('text-classification', model=sys.argv[1], device='cpu')\n"
-                  "print(json.dumps(clf([{'text': r['text'], 'text_pair': r['text_pair']} for r in rows])))\n")
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        proc = subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "in.jsonl")], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300, env=env)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        got = json.loads(proc.stdout.strip().splitlines()[-1])
-        tol = 0.01 if quantize else 1e-5
-        for g, ref in zip(got, fp32[:8]):
-            score = g["score"] if g["label"] == ref["label"] else 1 - g["score"]
-            assert score == pytest.approx(ref["score"], abs=tol)
+    out = tmp_path / f"export-{quantize}"
+    assert main(["export", "--model-dir", str(tiny_model_dir), "--output-dir", str(out),
+                 *(["--quantize", quantize] if quantize else [])]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert ("quantization_config" in config) == (quantize == "int8")
+    # Only transformers (+ torchao for int8): tuneloop is made unimportable in the child.
+    script = ("import sys, json; sys.modules['tuneloop'] = None\n"
+              "from transformers import pipeline\n"
+              "rows = [json.loads(l) for l in open(sys.argv[2])]\n"
+              "clf = pipeline('text-classification', model=sys.argv[1], device='cpu')\n"
+              "print(json.dumps(clf([{'text': r['text'], 'text_pair': r['text_pair']} for r in rows])))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "in.jsonl")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    tol = 0.01 if quantize else 1e-5
+    for g, ref in zip(got, fp32[:8]):
+        score = g["score"] if g["label"] == ref["label"] else 1 - g["score"]
+        assert score == pytest.approx(ref["score"], abs=tol)
 
 
+@needs_torchao
 def test_int8_export_is_smaller(tiny_model_dir, tmp_path):
     from tuneloop.export import folder_size
 
