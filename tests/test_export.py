@@ -46,6 +46,17 @@ def test_int8_predictions_agree_with_fp32(tiny_model_dir, rows, fp32):
     assert max(diffs) < 0.01 and sum(diffs) > 0  # close, and really computed differently
 
 
+def test_int8_weights_have_one_scale_per_output_channel(tiny_model_dir):
+    import torch
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    from tuneloop.predict import load_for_prediction
+
+    model, _ = load_for_prediction(str(tiny_model_dir), "int8")
+    layers = [m for m in model.modules() if isinstance(m, DynamicLinear)]
+    assert layers and all(m.weight().qscheme() == torch.per_channel_affine for m in layers)
+
+
 @pytest.mark.parametrize("quantize", [None, pytest.param("int8", marks=needs_torchao)])
 def test_export_loads_in_a_fresh_process_without_tuneloop(tiny_model_dir, rows, fp32, tmp_path, quantize):
     rows.head(8).to_json(tmp_path / "in.jsonl", orient="records", lines=True)
