@@ -3,11 +3,13 @@
     python benchmarks/efficiency.py                       # full: the rows below on all of MRPC (about 45 min here)
     python benchmarks/efficiency.py --seeds 0 --rows full,lora   # fewer runs
     python benchmarks/efficiency.py --quick               # smoke check: 256 training examples, 1 epoch
+    python benchmarks/efficiency.py --predict-only runs/mrpc/model   # only fp32 vs int8 prediction, on a saved model
 
 Training rows (each a fresh `python -m tuneloop train` process, one after another, default model):
   full       the default command (`tuneloop train --task mrpc`): every weight trains, 32-bit AdamW   (all seeds)
   lora       `--config lora` (tuneloop/recipes/lora.yaml)                                          (all seeds)
   lora_lr1e-3  `--config lora --learning-rate 1e-3`                                              (first seed)
+  lora_nodrop  `--config lora --lora-dropout 0`                                                  (first seed)
   lora_plus  `--config lora --optim.loraplus_lr_ratio 16` (LoRA+)                                 (first seed)
   adalora    `--config lora --peft adalora`                                                       (first seed)
   full_8bit  the default command with `--optimizer adamw_8bit` (bitsandbytes)                     (first seed)
@@ -43,6 +45,7 @@ TRAIN_ROWS = {
     "full": ([], "all"),
     "lora": (["--config", "lora"], "all"),
     "lora_lr1e-3": (["--config", "lora", "--learning-rate", "1e-3"], "first"),  # the recipe's learning rate, doubled
+    "lora_nodrop": (["--config", "lora", "--lora-dropout", "0"], "first"),  # no dropout masks on the adapters' inputs
     "lora_plus": (["--config", "lora", "--optim.loraplus_lr_ratio", "16"], "first"),  # LoRA+: B matrices at 16x
     "adalora": (["--config", "lora", "--peft", "adalora"], "first"),
     "full_8bit": (["--optimizer", "adamw_8bit"], "first"),
@@ -241,11 +244,13 @@ def targets(summary: dict[str, Any], predictions: list[dict[str, Any]]) -> list[
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Full vs LoRA vs AdaLoRA, 8- vs 32-bit AdamW, fp32 vs int8 prediction.")
-    default_rows = [r for r in TRAIN_ROWS if r != "lora_lr1e-3"]
+    default_rows = [r for r in TRAIN_ROWS if r not in ("lora_lr1e-3", "lora_nodrop")]
     parser.add_argument("--rows", default=",".join(default_rows),
-                        help=f"training rows (default: {','.join(default_rows)}; also: lora_lr1e-3)")
+                        help=f"training rows (default: {','.join(default_rows)}; also: lora_lr1e-3, lora_nodrop)")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the full and lora rows (others: the first)")
     parser.add_argument("--no-predict", action="store_true", help="skip the fp32/int8 prediction rows")
+    parser.add_argument("--predict-only", metavar="MODEL_DIR", default=None,
+                        help="only the prediction rows, on this saved model (e.g. a full row's out/model); no training")
     parser.add_argument("--quick", action="store_true", help="smoke check: 256 training examples, 1 epoch, seed 0")
     parser.add_argument("--max-train-samples", type=int, default=None, help="train every row on the first N examples")
     parser.add_argument("--epochs", type=int, default=None, help="epochs of every row (with --max-train-samples)")
@@ -265,7 +270,7 @@ def parse_args(argv=None):
     args.data_dir = str(Path(args.data_dir).resolve() if args.data_dir else (ROOT / DEFAULT_DATA_DIR).resolve())
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     args.work_dir = Path(args.work_dir or ROOT / "benchmarks" / "runs" / f"efficiency-{stamp}").resolve()
-    suffix = "-quick" if args.quick else ""
+    suffix = "-quick" if args.quick else "-predict" if args.predict_only else ""
     args.out = Path(args.out or ROOT / "benchmarks" / f"results-efficiency{suffix}.json")
     return args
 
@@ -298,7 +303,10 @@ def main(argv=None) -> int:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     runs, predictions = [], []
-    for row, seed in plan(args):
+    if args.predict_only:
+        args.rows = []
+        predictions = predict_rows_bench(Path(args.predict_only).resolve(), args)
+    for row, seed in plan(args) if not args.predict_only else []:
         if row == "predict":
             first_full = next((r for r in runs if r["row"] == "full" and r["returncode"] == 0), None)
             predictions = predict_rows_bench(Path(first_full["model_dir"]), args) if first_full else []
