@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MRPC, load_weights, tiny_args
+from conftest import MRPC, load_weights, small_config, tiny_args
 from tuneloop.checkpoint import list_checkpoints
 from tuneloop.cli import main
 
@@ -184,3 +184,17 @@ def test_target_modules_are_found_per_architecture():
     assert not any(n.startswith("classifier") for n in found)  # ELECTRA's head has a `dense` too: trained in full
     bert = BertForSequenceClassification(BertConfig(num_hidden_layers=1, **small))
     assert "bert.pooler.dense" in resolve_target_modules(bert, None) and head_module_names(bert) == ["classifier"]
+
+
+def test_fast_dropout_masks_reach_the_adapters(tiny_dropout_model_dir, mrpc_slice, tmp_path):
+    from tuneloop import recipe
+    from tuneloop.loop import TrainingState
+    from tuneloop.tracking import MetricsLog
+
+    config = small_config(tiny_dropout_model_dir, mrpc_slice, tmp_path / "out")
+    config.peft.method, config.peft.lora_dropout, config.model.dropout_masks = "lora", 0.1, "fast"
+    accelerator = recipe.make_accelerator(config)
+    run = recipe.setup(config, accelerator, TrainingState(), MetricsLog(tmp_path / "m.jsonl", enabled=False))
+    dropouts = {n: type(m).__name__ for n, m in run.model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    assert any("lora_dropout" in n for n in dropouts)
+    assert set(dropouts.values()) == {"FastDropout"}, dropouts

@@ -130,8 +130,6 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     model = build_model(config.model.name_or_path, raw.label_names,
                         resolve_attention(config.model.attn_implementation, accelerator.device.type),
                         attention_dropout=config.model.attention_dropout)
-    if config.model.dropout_masks == "fast" and accelerator.device.type == "cpu":
-        use_fast_dropout(model)
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
 
@@ -153,6 +151,8 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
 
     total_steps = num_training_steps(len(sampler), config.train.epochs, config.train.gradient_accumulation_steps)
     model = prepare_model(model, config.peft, total_steps)  # LoRA / AdaLoRA: frozen base, adapters and head train
+    if config.model.dropout_masks == "fast" and accelerator.device.type == "cpu":
+        use_fast_dropout(model)  # after PEFT, so that the adapters' dropout draws its masks the same way
     budget = rank_budget(model)
     optimizer = build_optimizer(model, config.optim, accelerator.device)
     # The scheduler is stepped by the loop once per optimizer step and never handed to Accelerate,
