@@ -203,6 +203,8 @@ def tables(summary: dict[str, Any], predictions: list[dict[str, Any]]) -> str:
                      f"{s['f1']:.4f} ± {s['f1_std']:.4f} | {share} | {s['samples_per_second']:.1f} | "
                      f"{s.get('peak_rss_mb', float('nan')):.0f} | {s.get('checkpoint_mb', float('nan')):.1f} | "
                      f"{s.get('optimizer_state_mb', float('nan')):.1f} |")
+    if not summary:  # --predict-only
+        lines = []
     if predictions:
         lines += ["", "| prediction (dev, 408 pairs, batch 32) | dev accuracy | dev F1 | predictions/s | weights on disk MB |",
                   "|---|---:|---:|---:|---:|"]
