@@ -59,12 +59,15 @@ def tiny_dropout_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
 @pytest.fixture
 def mrpc_slice(tmp_path) -> Path:
     """A glue_data-style MRPC folder with the real files' first lines (BOM, header, quotes intact)."""
-    out = tmp_path / "MRPC"
+    return write_mrpc_head(tmp_path / "MRPC")
+
+
+def write_mrpc_head(out: Path, lines: tuple[int, int, int] = (65, 41, 21)) -> Path:
+    """The first lines (header included) of the real train/dev/test TSVs, bytes unchanged, in a new folder."""
     out.mkdir()
-    for name, lines in (("train.tsv", 65), ("dev.tsv", 41), ("test.tsv", 21)):
+    for name, count in zip(("train.tsv", "dev.tsv", "test.tsv"), lines):
         with open(MRPC / name, "rb") as src:
-            head = b"".join(src.readline() for _ in range(lines))
-        (out / name).write_bytes(head)
+            (out / name).write_bytes(b"".join(src.readline() for _ in range(count)))
     return out
 
 

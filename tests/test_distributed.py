@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import MRPC, REPO
+from conftest import REPO, write_mrpc_head
 from tuneloop.cli import main
 
 TIMEOUT = 240
@@ -30,12 +30,7 @@ TIMEOUT = 240
 def data(tmp_path_factory):
     """glue_data-style MRPC with 64 train, 41 dev and 20 test rows, and a tokenisation cache of its own."""
     root = tmp_path_factory.mktemp("dist-data")
-    out = root / "MRPC"
-    out.mkdir()
-    for name, lines in (("train.tsv", 65), ("dev.tsv", 42), ("test.tsv", 21)):
-        with open(MRPC / name, "rb") as src:
-            (out / name).write_bytes(b"".join(src.readline() for _ in range(lines)))
-    return out, root / "cache"
+    return write_mrpc_head(root / "MRPC", (65, 42, 21)), root / "cache"
 
 
 def train_args(model_dir, data, out, *extra):

@@ -44,14 +44,10 @@ def colour_share(png, rgb, tolerance=12) -> float:
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_model_dir, tmp_path_factory):
-    from conftest import MRPC
+    from conftest import write_mrpc_head
 
     root = tmp_path_factory.mktemp("report")
-    data = root / "MRPC"
-    data.mkdir()
-    for name, lines in (("train.tsv", 65), ("dev.tsv", 41), ("test.tsv", 21)):
-        with open(MRPC / name, "rb") as src:
-            (data / name).write_bytes(b"".join(src.readline() for _ in range(lines)))
+    data = write_mrpc_head(root / "MRPC")
     out = root / "run"
     assert main(tiny_args(tiny_model_dir, data, out, "--epochs", "2", "--report-to", "none")) == 0
     return out
