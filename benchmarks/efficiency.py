@@ -4,6 +4,8 @@
     python benchmarks/efficiency.py --seeds 0 --rows full,lora   # fewer runs
     python benchmarks/efficiency.py --quick               # smoke check: 256 training examples, 1 epoch
     python benchmarks/efficiency.py --predict-only runs/mrpc/model   # only fp32 vs int8 prediction, on a saved model
+    python benchmarks/efficiency.py --rows lora --seeds 0 --no-predict --row "lora_r16=--config lora --lora-rank 16"
+                                                          # a recipe probe: extra rows from flags (first seed)
 
 Training rows (each a fresh `python -m tuneloop train` process, one after another, default model):
   full       the default command (`tuneloop train --task mrpc`): every weight trains, 32-bit AdamW   (all seeds)
@@ -27,6 +29,7 @@ import datetime as dt
 import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -249,6 +252,9 @@ def parse_args(argv=None):
     default_rows = [r for r in TRAIN_ROWS if r not in ("lora_lr1e-3", "lora_nodrop")]
     parser.add_argument("--rows", default=",".join(default_rows),
                         help=f"training rows (default: {','.join(default_rows)}; also: lora_lr1e-3, lora_nodrop)")
+    parser.add_argument("--row", action="append", default=[], metavar="NAME=FLAGS",
+                        help="an extra training row (first seed only), e.g. --row \"lora_r16=--config lora --lora-rank 16 "
+                             "--lora-alpha 32\"; the probes that chose the lora recipe were run this way")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the full and lora rows (others: the first)")
     parser.add_argument("--no-predict", action="store_true", help="skip the fp32/int8 prediction rows")
     parser.add_argument("--predict-only", metavar="MODEL_DIR", default=None,
@@ -262,6 +268,12 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=None, help="JSON results (default: benchmarks/results-efficiency.json)")
     args = parser.parse_args(argv)
     args.rows = [r for r in args.rows.split(",") if r]
+    for spec in args.row:
+        name, sep, flags = spec.partition("=")
+        if not sep or not name or name in TRAIN_ROWS:
+            parser.error(f"--row {spec!r}: expected NAME=FLAGS with a new NAME")
+        TRAIN_ROWS[name] = (shlex.split(flags), "first")
+        args.rows.append(name)
     if unknown := [r for r in args.rows if r not in TRAIN_ROWS]:
         parser.error(f"unknown row(s) {unknown}; choose from {', '.join(TRAIN_ROWS)}")
     args.seeds = [int(s) for s in args.seeds.split(",")]
