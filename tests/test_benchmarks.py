@@ -119,3 +119,18 @@ def test_efficiency_plan_runs_every_row_once_before_more_seeds():
     assert steps[7:] == [("lora", 1), ("full", 2), ("lora", 2)]
     line = "... | 1377 optimizer steps | peft lora: trainable 338,306 of 23,051,266 parameters (1.47%)"
     assert trainable_parameters(line) == {"trainable_params": 338306, "total_params": 23051266}
+
+
+def test_efficiency_extra_rows_come_from_flags_and_run_on_the_first_seed():
+    from benchmarks import efficiency
+
+    args = efficiency.parse_args(["--rows", "lora", "--seeds", "0,1", "--no-predict",
+                                  "--row", "probe_r16=--config lora --lora-rank 16 --lora-alpha 32"])
+    try:
+        assert efficiency.TRAIN_ROWS["probe_r16"] == (["--config", "lora", "--lora-rank", "16", "--lora-alpha", "32"],
+                                                      "first")
+        assert efficiency.plan(args) == [("lora", 0), ("probe_r16", 0), ("lora", 1)]
+    finally:
+        efficiency.TRAIN_ROWS.pop("probe_r16", None)
+    with pytest.raises(SystemExit):
+        efficiency.parse_args(["--row", "lora=--lora-rank 4"])  # an existing name
