@@ -76,7 +76,8 @@ def peft_config(model, cfg: PeftConfig, num_training_steps: int):
         raise TuneloopError(f"peft.adalora_warmup_fraction: no steps left to shrink the rank budget in "
                             f"({num_training_steps} optimizer steps); train longer or lower the fractions")
     return AdaLoraConfig(init_r=cfg.adalora_init_rank, target_r=cfg.adalora_target_rank, tinit=tinit, tfinal=tfinal,
-                         deltaT=cfg.adalora_update_every, total_step=num_training_steps, **common)
+                         deltaT=cfg.adalora_update_every, total_step=num_training_steps,
+                         orth_reg_weight=cfg.adalora_orth_reg_weight, **common)
 
 
 def prepare_model(model, cfg: PeftConfig, num_training_steps: int):

@@ -158,6 +158,8 @@ class PeftConfig:
     adalora_warmup_fraction: float = _f(0.1, "AdaLoRA: share of optimizer steps trained at the initial budget")
     adalora_final_fraction: float = _f(0.2, "AdaLoRA: share of optimizer steps trained at the final budget")
     adalora_update_every: int = _f(10, "AdaLoRA: reallocate ranks every N optimizer steps while the budget shrinks")
+    adalora_orth_reg_weight: float = _f(0.5, "AdaLoRA: weight of the orthogonality penalty on its singular vectors, "
+                                             "added to the loss (PEFT's default 0.5; the AdaLoRA paper's GLUE runs: 0.1)")
     merge_adapter: bool = _f(False, "also write OUT/model-merged/: adapters merged into the weights, loadable by "
                                     "plain transformers.pipeline")
 
@@ -503,6 +505,8 @@ def validate_peft(config: Config) -> None:
         raise ConfigError(f"peft.lora_dropout: must be in [0, 1), got {p.lora_dropout}")
     if p.lora_target_modules is not None and not p.lora_target_modules:
         raise ConfigError("peft.lora_target_modules: give at least one module name, or null to find them from the model")
+    if p.adalora_orth_reg_weight < 0:
+        raise ConfigError(f"peft.adalora_orth_reg_weight: must be >= 0, got {p.adalora_orth_reg_weight}")
     if p.adalora_target_rank > p.adalora_init_rank:
         raise ConfigError(f"peft.adalora_target_rank: must not exceed adalora_init_rank ({p.adalora_init_rank}), "
                           f"got {p.adalora_target_rank}")
