@@ -10,10 +10,8 @@
 Training rows (each a fresh `python -m tuneloop train` process, one after another, default model):
   full       the default command (`tuneloop train --task mrpc`): every weight trains, 32-bit AdamW   (all seeds)
   lora       `--config lora` (tuneloop/recipes/lora.yaml)                                          (all seeds)
-  lora_lr1e-3  `--config lora --learning-rate 1e-3`                                              (first seed)
-  lora_nodrop  `--config lora --lora-dropout 0`                                                  (first seed)
   lora_plus  `--config lora --optim.loraplus_lr_ratio 16` (LoRA+)                                 (first seed)
-  adalora    `--config lora --peft adalora`                                                       (first seed)
+  adalora    `--config adalora` (tuneloop/recipes/adalora.yaml)                                   (first seed)
   full_8bit  the default command with `--optimizer adamw_8bit` (bitsandbytes)                     (first seed)
 Prediction rows, on the model of the `full` row's first seed (the default command's model), all 408 dev pairs:
   fp32       `tuneloop predict`
@@ -47,10 +45,8 @@ DEFAULT_DATA_DIR = "../shared/data/glue/MRPC"
 TRAIN_ROWS = {
     "full": ([], "all"),
     "lora": (["--config", "lora"], "all"),
-    "lora_lr1e-3": (["--config", "lora", "--learning-rate", "1e-3"], "first"),  # the recipe's learning rate, doubled
-    "lora_nodrop": (["--config", "lora", "--lora-dropout", "0"], "first"),  # no dropout masks on the adapters' inputs
     "lora_plus": (["--config", "lora", "--optim.loraplus_lr_ratio", "16"], "first"),  # LoRA+: B matrices at 16x
-    "adalora": (["--config", "lora", "--peft", "adalora"], "first"),
+    "adalora": (["--config", "adalora"], "first"),
     "full_8bit": (["--optimizer", "adamw_8bit"], "first"),
 }
 PREDICT_REPEATS = 3  # passes over dev per variant; the median pass is reported
@@ -249,9 +245,7 @@ def targets(summary: dict[str, Any], predictions: list[dict[str, Any]]) -> list[
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Full vs LoRA vs AdaLoRA, 8- vs 32-bit AdamW, fp32 vs int8 prediction.")
-    default_rows = [r for r in TRAIN_ROWS if r not in ("lora_lr1e-3", "lora_nodrop")]
-    parser.add_argument("--rows", default=",".join(default_rows),
-                        help=f"training rows (default: {','.join(default_rows)}; also: lora_lr1e-3, lora_nodrop)")
+    parser.add_argument("--rows", default=",".join(TRAIN_ROWS), help=f"training rows (default: {','.join(TRAIN_ROWS)})")
     parser.add_argument("--row", action="append", default=[], metavar="NAME=FLAGS",
                         help="an extra training row (first seed only), e.g. --row \"lora_r16=--config lora --lora-rank 16 "
                              "--lora-alpha 32\"; the probes that chose the lora recipe were run this way")

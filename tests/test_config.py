@@ -88,7 +88,7 @@ def test_every_short_flag_of_the_issue_exists(capsys):
 def test_every_shipped_recipe_is_a_valid_config_and_loads_by_name():
     from tuneloop.config import RECIPES_DIR, recipe_names
 
-    assert recipe_names() == ["classic", "fast", "lora"]
+    assert recipe_names() == ["adalora", "classic", "fast", "lora"]
     for name in recipe_names():
         assert load_config(name) == load_config(RECIPES_DIR / f"{name}.yaml")
     assert load_config("fast").train.batch_size == 32
@@ -97,7 +97,7 @@ def test_every_shipped_recipe_is_a_valid_config_and_loads_by_name():
 
 
 def test_unknown_recipe_name_lists_the_built_in_ones():
-    with pytest.raises(ConfigError, match=r"built-in recipes: classic, fast, lora.*did you mean 'fast'"):
+    with pytest.raises(ConfigError, match=r"built-in recipes: adalora, classic, fast, lora.*did you mean 'fast'"):
         load_config("fsat")
 
 
