@@ -15,7 +15,8 @@ Training rows (each a fresh `python -m tuneloop train` process, one after anothe
   full_8bit  the default command with `--optimizer adamw_8bit` (bitsandbytes)                     (first seed)
 Prediction rows, on the model of the `full` row's first seed (the default command's model), all 408 dev pairs:
   fp32       `tuneloop predict`
-  int8       `tuneloop predict --quantize int8` (dynamic int8 Linear layers)
+  int8       `tuneloop predict --quantize int8` (dynamic int8 Linear layers; oneDNN's kernels where the CPU has AMX)
+  int8_x86   the same layers packed for PyTorch's default quantized engine (x86), for comparison
   int8_export  the folder `tuneloop export --quantize int8` writes (torchao weights), loaded by transformers
 Numbers: benchmarks/README.md ("Efficiency benchmark").
 """
@@ -114,6 +115,9 @@ model_dir, variant, data_dir, repeats = sys.argv[1], sys.argv[2], sys.argv[3], i
 dev = pd.read_csv(Path(data_dir) / "dev.tsv", sep="\t", quoting=3, encoding="utf-8-sig")
 df = pd.DataFrame({"text": dev["#1 String"], "text_pair": dev["#2 String"]})
 model, tokenizer = load_for_prediction(model_dir, "int8" if variant == "int8" else None)
+if variant == "int8_x86":  # the same int8 layers packed for PyTorch's default engine, not int8_engine()'s choice
+    from tuneloop.export import quantize_dynamic_int8
+    model = quantize_dynamic_int8(model, "x86")
 predict_with(model, tokenizer, df.head(64))  # warm-up: kernel selection, allocator
 seconds = []
 for _ in range(repeats):
@@ -138,6 +142,7 @@ def predict_rows_bench(model_dir: Path, args) -> list[dict[str, Any]]:
     export(str(model_dir), str(export_dir), "int8", overwrite=True)
     variants = [("fp32", model_dir, model_dir / "model.safetensors"),
                 ("int8", model_dir, None),
+                ("int8_x86", model_dir, None),
                 ("int8_export", export_dir, export_dir / "model.safetensors")]
     results = []
     for name, folder, weights in variants:

@@ -57,6 +57,45 @@ def test_int8_weights_have_one_scale_per_output_channel(tiny_model_dir):
     assert layers and all(m.weight().qscheme() == torch.per_channel_affine for m in layers)
 
 
+def test_int8_layers_are_packed_for_the_engine_asked_and_leave_the_global_engine(tiny_model_dir):
+    import torch
+    from transformers import AutoTokenizer
+
+    from tuneloop.export import load_saved_model, quantize_dynamic_int8
+
+    model, tokenizer = load_saved_model(str(tiny_model_dir)), AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    batch = tokenizer(["a short one", "and a somewhat longer second sentence"], padding=True, return_tensors="pt")
+    engines = [e for e in ("x86", "onednn") if e in torch.backends.quantized.supported_engines]
+    before, logits = torch.backends.quantized.engine, {}
+    with torch.no_grad():
+        fp32 = model.eval()(**batch).logits
+        for engine in engines:
+            quantized = quantize_dynamic_int8(model, engine)
+            assert torch.backends.quantized.engine == before
+            logits[engine] = quantized(**batch).logits
+            torch.backends.quantized.engine = "onednn" if engine == "x86" else "x86"
+            try:  # packed layers keep their engine's kernels whatever the global engine is
+                assert torch.equal(quantized(**batch).logits, logits[engine])
+            finally:
+                torch.backends.quantized.engine = before
+    for engine in engines:
+        assert torch.allclose(logits[engine], fp32, atol=0.05) and not torch.equal(logits[engine], fp32)
+    if len(engines) == 2:  # really packed for different kernels: the int8 results differ in the last bits
+        assert not torch.equal(logits["x86"], logits["onednn"])
+
+
+def test_int8_engine_is_onednn_only_where_the_cpu_has_amx(monkeypatch):
+    import torch
+
+    from tuneloop import export
+
+    monkeypatch.setattr(export, "_cpu_flags", lambda: {"avx512f", "amx_int8", "amx_tile"})
+    assert export.int8_engine() == ("onednn" if "onednn" in torch.backends.quantized.supported_engines
+                                    else torch.backends.quantized.engine)
+    monkeypatch.setattr(export, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    assert export.int8_engine() == torch.backends.quantized.engine
+
+
 @pytest.mark.parametrize("quantize", [None, pytest.param("int8", marks=needs_torchao)])
 def test_export_loads_in_a_fresh_process_without_tuneloop(tiny_model_dir, rows, fp32, tmp_path, quantize):
     rows.head(8).to_json(tmp_path / "in.jsonl", orient="records", lines=True)
