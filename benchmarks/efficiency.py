@@ -16,7 +16,7 @@ Training rows (each a fresh `python -m tuneloop train` process, one after anothe
 Prediction rows, on the model of the `full` row's first seed (the default command's model), all 408 dev pairs:
   fp32       `tuneloop predict`
   int8       `tuneloop predict --quantize int8` (dynamic int8 Linear layers; oneDNN's kernels where the CPU has AMX)
-  int8_x86   the same layers packed for PyTorch's default quantized engine (x86), for comparison
+  int8_x86   the same layers packed for PyTorch's default quantized engine (x86), where `int8` uses oneDNN
   int8_export  the folder `tuneloop export --quantize int8` writes (torchao weights), loaded by transformers
 Numbers: benchmarks/README.md ("Efficiency benchmark").
 """
@@ -75,7 +75,7 @@ def trainable_parameters(log_text: str) -> dict[str, int]:
 
 
 def train_row(row: str, seed: int, args) -> dict[str, Any]:
-    flags, _ = TRAIN_ROWS[row]
+    flags, _ = args.train_rows[row]
     run_dir = args.work_dir / f"{row}-seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     out_dir = run_dir / "out"
@@ -136,14 +136,15 @@ print(json.dumps({"seconds": seconds, "accuracy": sum(p == g for p, g in zip(pre
 
 def predict_rows_bench(model_dir: Path, args) -> list[dict[str, Any]]:
     """fp32 vs int8 prediction of the dev set, each in its own process; model size on disk."""
-    from tuneloop.export import export
+    from tuneloop.export import export, int8_engine
 
     export_dir = args.work_dir / "export-int8"
     export(str(model_dir), str(export_dir), "int8", overwrite=True)
     variants = [("fp32", model_dir, model_dir / "model.safetensors"),
                 ("int8", model_dir, None),
-                ("int8_x86", model_dir, None),
                 ("int8_export", export_dir, export_dir / "model.safetensors")]
+    if int8_engine() == "onednn":  # what int8 gains from oneDNN's AMX kernels over the default engine
+        variants.insert(2, ("int8_x86", model_dir, None))
     results = []
     for name, folder, weights in variants:
         cmd = [sys.executable, "-c", PREDICT_CHILD, str(folder), name, args.data_dir, str(PREDICT_REPEATS)]
@@ -267,14 +268,16 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=None, help="JSON results (default: benchmarks/results-efficiency.json)")
     args = parser.parse_args(argv)
     args.rows = [r for r in args.rows.split(",") if r]
+    args.train_rows = dict(TRAIN_ROWS)
     for spec in args.row:
         name, sep, flags = spec.partition("=")
-        if not sep or not name or name in TRAIN_ROWS:
+        if not sep or not name or name in args.train_rows:
             parser.error(f"--row {spec!r}: expected NAME=FLAGS with a new NAME")
-        TRAIN_ROWS[name] = (shlex.split(flags), "first")
+        args.train_rows[name] = (shlex.split(flags), "first")
         args.rows.append(name)
-    if unknown := [r for r in args.rows if r not in TRAIN_ROWS]:
-        parser.error(f"unknown row(s) {unknown}; choose from {', '.join(TRAIN_ROWS)}")
+    args.rows = list(dict.fromkeys(args.rows))
+    if unknown := [r for r in args.rows if r not in args.train_rows]:
+        parser.error(f"unknown row(s) {unknown}; choose from {', '.join(args.train_rows)} or add one with --row")
     args.seeds = [int(s) for s in args.seeds.split(",")]
     if args.quick:
         args.max_train_samples, args.epochs = 256, 1
@@ -293,7 +296,7 @@ def plan(args) -> list[tuple[str, int]]:
     short still has one of everything."""
     steps = []
     for i, seed in enumerate(args.seeds):
-        steps += [(row, seed) for row in args.rows if i == 0 or TRAIN_ROWS[row][1] == "all"]
+        steps += [(row, seed) for row in args.rows if i == 0 or args.train_rows[row][1] == "all"]
         if i == 0 and "full" in args.rows and not args.no_predict:
             steps.insert(steps.index(("full", seed)) + 1, ("predict", seed))
     return steps

@@ -159,7 +159,7 @@ def test_adalora_budget_shrinks_and_resume_is_exact(tiny_dropout_model_dir, tmp_
      "peft.lora_target_modules: BertForSequenceClassification has no Linear layer named 'q_lin'"),
     (["--merge-adapter"], "peft.merge_adapter: there is no adapter to merge; add --peft lora"),
     (["--loraplus-lr-ratio", "16"], "optim.loraplus_lr_ratio: applies to LoRA adapters"),
-    (["--peft", "adalora", "--adalora-orth-reg-weight", "-1"], "peft.adalora_orth_reg_weight: must be >= 0, got -1.0"),
+    (["--peft", "adalora", "--adalora-orth-reg-weight", "-1"], "peft.adalora_orth_reg_weight: must be > 0, got -1.0"),
 ])
 def test_bad_adapter_settings_fail_in_one_line(tiny_model_dir, mrpc_slice, tmp_path, capsys, extra, message):
     assert main(tiny_args(tiny_model_dir, mrpc_slice, tmp_path / "run", *extra)) != 0
@@ -178,16 +178,16 @@ def test_adalora_orthogonality_weight_is_what_peft_adds_to_the_loss():
                                                     intermediate_size=16, num_hidden_layers=1))
     batch = dict(input_ids=torch.randint(0, 50, (4, 6)), labels=torch.tensor([0, 1, 0, 1]))
     losses = {}
-    for weight in (0.0, 0.1, 0.5):
+    for weight in (0.1, 0.2, 0.5):
         torch.manual_seed(1)  # the same adapter initialisation for each weight
         model = prepare_model(base, PeftConfig(method="adalora", lora_dropout=0.0, adalora_orth_reg_weight=weight), 100)
         assert model.peft_config["default"].orth_reg_weight == weight
         model.train()
         losses[weight] = model(**batch).loss.item()
         base = model.unload()  # the same frozen base for the next weight
-    # The penalty is linear in its weight: (0.5 - 0) = 5 x (0.1 - 0), and it is there (> 0).
-    assert losses[0.1] > losses[0.0]
-    assert losses[0.5] - losses[0.0] == pytest.approx(5 * (losses[0.1] - losses[0.0]), rel=1e-4)
+    # The penalty is there and linear in its weight: L(0.5) - L(0.1) = 4 x (L(0.2) - L(0.1)).
+    assert losses[0.1] < losses[0.2] < losses[0.5]
+    assert losses[0.5] - losses[0.1] == pytest.approx(4 * (losses[0.2] - losses[0.1]), rel=1e-4)
 
 
 def test_target_modules_are_found_per_architecture():

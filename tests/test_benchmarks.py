@@ -124,13 +124,12 @@ def test_efficiency_plan_runs_every_row_once_before_more_seeds():
 def test_efficiency_extra_rows_come_from_flags_and_run_on_the_first_seed():
     from benchmarks import efficiency
 
-    args = efficiency.parse_args(["--rows", "lora", "--seeds", "0,1", "--no-predict",
+    args = efficiency.parse_args(["--rows", "lora,probe_r16", "--seeds", "0,1", "--no-predict",
                                   "--row", "probe_r16=--config lora --lora-rank 16 --lora-alpha 32"])
-    try:
-        assert efficiency.TRAIN_ROWS["probe_r16"] == (["--config", "lora", "--lora-rank", "16", "--lora-alpha", "32"],
-                                                      "first")
-        assert efficiency.plan(args) == [("lora", 0), ("probe_r16", 0), ("lora", 1)]
-    finally:
-        efficiency.TRAIN_ROWS.pop("probe_r16", None)
+    assert args.train_rows["probe_r16"] == (["--config", "lora", "--lora-rank", "16", "--lora-alpha", "32"], "first")
+    assert efficiency.plan(args) == [("lora", 0), ("probe_r16", 0), ("lora", 1)]  # named twice, run once
+    assert "probe_r16" not in efficiency.TRAIN_ROWS  # nothing left behind for the next parse
     with pytest.raises(SystemExit):
         efficiency.parse_args(["--row", "lora=--lora-rank 4"])  # an existing name
+    with pytest.raises(SystemExit):
+        efficiency.parse_args(["--rows", "lora,nope"])

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop import launch
-from tuneloop.config import SECTIONS, Config, ConfigError, _suggest, field_paths, load_config, short_names
+from tuneloop.config import (SECTIONS, Config, ConfigError, _suggest, field_paths, load_config, recipe_names,
+                             short_names)
 from tuneloop.errors import TuneloopError
 
 # Options that belong to the command, not to the config.
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 parser_class=Parser)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", metavar="FILE", help="YAML file with config sections, or a built-in recipe name (classic, fast); flags override it")
+        p.add_argument("--config", metavar="FILE", help="YAML file with config sections, or a built-in recipe name "
+                                                     f"({', '.join(recipe_names())}); flags override it")
         p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
     train = sub.add_parser("train", help="fine-tune a model and evaluate it", allow_abbrev=False)

@@ -505,8 +505,8 @@ def validate_peft(config: Config) -> None:
         raise ConfigError(f"peft.lora_dropout: must be in [0, 1), got {p.lora_dropout}")
     if p.lora_target_modules is not None and not p.lora_target_modules:
         raise ConfigError("peft.lora_target_modules: give at least one module name, or null to find them from the model")
-    if p.adalora_orth_reg_weight < 0:
-        raise ConfigError(f"peft.adalora_orth_reg_weight: must be >= 0, got {p.adalora_orth_reg_weight}")
+    if p.adalora_orth_reg_weight <= 0:  # older PEFT releases refuse 0 on the first forward
+        raise ConfigError(f"peft.adalora_orth_reg_weight: must be > 0, got {p.adalora_orth_reg_weight}")
     if p.adalora_target_rank > p.adalora_init_rank:
         raise ConfigError(f"peft.adalora_target_rank: must not exceed adalora_init_rank ({p.adalora_init_rank}), "
                           f"got {p.adalora_target_rank}")
