@@ -5,8 +5,8 @@ Two int8 paths, chosen by measurement on this CPU (MiniLM-L6, batch 32 x 64 toke
   (`torch.ao.quantization.quantize_dynamic`, fbgemm/oneDNN int8 GEMMs): 0.14 s vs 0.25 s per batch in fp32.
   Weights get one scale per output channel: with one scale per matrix (quantize_dynamic's default) the
   default command's MiniLM lost 2.7 points of MRPC dev accuracy (0.821 -> 0.794), per channel 0.7 (0.814).
-  On CPUs with AMX the layers are packed for oneDNN, whose AMX int8 kernels were 1.36x the default engine's
-  speed on the whole model here (`int8_engine`).
+  On CPUs with AMX the layers are packed for oneDNN, whose AMX int8 kernels were 1.16-1.36x the default
+  engine's speed on the whole model here (`int8_engine`).
   PyTorch has deprecated that module in favour of torchao, but torchao's int8 dynamic-activation config
   ran at 0.27 s per batch in eager mode here (no faster than fp32; it needs torch.compile, 80 s of
   compilation per run on 2 cores, to get ahead). Where torch.ao.quantization is gone, torchao is used.
@@ -40,9 +40,9 @@ def check_quantize(quantize: str | None) -> str | None:
 def int8_engine() -> str:
     """oneDNN where the CPU has AMX tiles, else PyTorch's default quantized engine (x86: fbgemm + oneDNN).
 
-    On the 2-core Xeon with AMX, whole-model MRPC dev prediction with oneDNN's int8 Linear ran at 382 pairs/s
-    against 281 with the default engine (fp32: 145), with the same predictions; on a CPU without AMX it is
-    unmeasured, so the default stays there."""
+    On the 2-core Xeon with AMX, MRPC dev prediction with oneDNN's int8 Linear ran at 1.16x the default engine's
+    pairs/s in the efficiency benchmark (233.5 vs 200.9; fp32 126.6) and 1.36x in a first side-by-side run
+    (382 vs 281), with the same predictions; on a CPU without AMX it is unmeasured, so the default stays there."""
     has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()  # the check precision.py uses too
     if has_amx and "onednn" in torch.backends.quantized.supported_engines:
         return "onednn"
