@@ -275,7 +275,7 @@ def parse_args(argv=None):
             parser.error(f"--row {spec!r}: expected NAME=FLAGS with a new NAME")
         args.train_rows[name] = (shlex.split(flags), "first")
         args.rows.append(name)
-    args.rows = list(dict.fromkeys(args.rows))
+    args.rows = [] if args.predict_only else list(dict.fromkeys(args.rows))
     if unknown := [r for r in args.rows if r not in args.train_rows]:
         parser.error(f"unknown row(s) {unknown}; choose from {', '.join(args.train_rows)} or add one with --row")
     args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -319,10 +319,9 @@ def main(argv=None) -> int:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     runs, predictions = [], []
-    if args.predict_only:
-        args.rows = []
+    if args.predict_only:  # parse_args left no training rows
         predictions = predict_rows_bench(Path(args.predict_only).resolve(), args)
-    for row, seed in plan(args) if not args.predict_only else []:
+    for row, seed in plan(args):
         if row == "predict":
             first_full = next((r for r in runs if r["row"] == "full" and r["returncode"] == 0), None)
             predictions = predict_rows_bench(Path(first_full["model_dir"]), args) if first_full else []

@@ -133,3 +133,4 @@ def test_efficiency_extra_rows_come_from_flags_and_run_on_the_first_seed():
         efficiency.parse_args(["--row", "lora=--lora-rank 4"])  # an existing name
     with pytest.raises(SystemExit):
         efficiency.parse_args(["--rows", "lora,nope"])
+    assert efficiency.plan(efficiency.parse_args(["--predict-only", "some/model"])) == []  # no training at all

@@ -71,8 +71,12 @@ def test_int8_layers_are_packed_for_the_engine_asked_and_leave_the_global_engine
     batch = AutoTokenizer.from_pretrained(str(tiny_model_dir))(["a short one", "and a somewhat longer second one"],
                                                                 padding=True, return_tensors="pt")
     packed_with, real_quantize_dynamic = [], tq.quantize_dynamic
-    monkeypatch.setattr(tq, "quantize_dynamic", lambda *a, **k: (packed_with.append(torch.backends.quantized.engine),
-                                                                 real_quantize_dynamic(*a, **k))[1])
+
+    def recording_quantize_dynamic(*args, **kwargs):
+        packed_with.append(torch.backends.quantized.engine)
+        return real_quantize_dynamic(*args, **kwargs)
+
+    monkeypatch.setattr(tq, "quantize_dynamic", recording_quantize_dynamic)
     before = torch.backends.quantized.engine
     with torch.no_grad():
         fp32 = model.eval()(**batch).logits

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from tuneloop.errors import ConfigError, TuneloopError
+from tuneloop.precision import cpu_has_amx
 
 QUANTIZE_CHOICES = ("int8",)
 
@@ -43,8 +44,7 @@ def int8_engine() -> str:
     On the 2-core Xeon with AMX, MRPC dev prediction with oneDNN's int8 Linear ran at 1.16x the default engine's
     pairs/s in the efficiency benchmark (233.5 vs 200.9; fp32 126.6) and 1.36x in a first side-by-side run
     (382 vs 281), with the same predictions; on a CPU without AMX it is unmeasured, so the default stays there."""
-    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()  # the check precision.py uses too
-    if has_amx and "onednn" in torch.backends.quantized.supported_engines:
+    if cpu_has_amx() and "onednn" in torch.backends.quantized.supported_engines:
         return "onednn"
     return torch.backends.quantized.engine
 

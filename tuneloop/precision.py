@@ -29,11 +29,18 @@ from tuneloop.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+def _cpu_check(name: str) -> bool:
+    """torch.cpu's own capability check `name`; False on a torch without it."""
+    return getattr(getattr(torch, "cpu", None), name, lambda: False)()
+
+
+def cpu_has_amx() -> bool:
+    return _cpu_check("_is_amx_tile_supported")
+
+
 def cpu_has_fast_bf16() -> bool:
     """bf16 matmuls beat fp32 on CPUs with AVX512-BF16 or AMX; elsewhere they are emulated and slower."""
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(cpu, name, lambda: False)() for name in checks)
+    return _cpu_check("_is_avx512_bf16_supported") or cpu_has_amx()
 
 
 # Smallest hidden size for which `auto` picks bf16 on a GPU. Measured on one H200 (MRPC, batch 8, PyTorch
