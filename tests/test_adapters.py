@@ -140,6 +140,20 @@ def test_adalora_budget_shrinks_and_resume_is_exact(tiny_dropout_model_dir, tmp_
     kept = sum(sum(mask) for mask in ranks.values())
     assert kept <= 2 * layers < 6 * layers  # the budget shrank from init_r per layer to target_r on average
 
+    # The saved adapter loads back at the shrunk ranks, without PEFT's false "rank_pattern ignored" warning.
+    import warnings
+
+    from tuneloop.adapters import load_adapter_model
+    from tuneloop.model import saved_label_names
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_adapter_model(ref / "model", saved_label_names(ref / "model"), merge=False)
+    assert not [w for w in caught if "rank_pattern" in str(w.message)]
+    loaded = {n.split("base_model.model.", 1)[1].replace(".default", ""): p.shape[0]
+              for n, p in model.named_parameters() if "lora_E" in n}
+    assert loaded == {name: sum(mask) for name, mask in ranks.items()}
+
     # Resuming from a checkpoint in the middle of the shrinking phase ends exactly like the uninterrupted run:
     # the allocator's importance averages are part of the checkpoint.
     out = tmp_path / "resumed"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -184,7 +185,11 @@ def load_adapter_model(model_dir: str | Path, label_names: list[str] | None, mer
                             f"edit base_model_name_or_path in {ADAPTER_CONFIG} or use the run's model-merged/ folder")
     base = build_model(base_path, label_names)
     try:
-        model = PeftModel.from_pretrained(base, str(model_dir))
+        with warnings.catch_warnings():
+            # PEFT 0.21 checks AdaLoRA's rank_pattern keys ("<layer>.lora_E") against module names and warns that
+            # all of them were ignored, while AdaLoRA's own loading applies them (every saved shape loads).
+            warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match")
+            model = PeftModel.from_pretrained(base, str(model_dir))
     except Exception as e:
         raise TuneloopError(f"cannot load the adapter in {model_dir}: {str(e).splitlines()[0]}") from None
     return model.merge_and_unload() if merge else model
