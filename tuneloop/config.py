@@ -102,6 +102,8 @@ class TrainConfig:
     seed: int = _f(0, "seed for weights of new heads, dropout and data order")
     log_every: int = _f(10, "log loss and learning rate every N optimizer steps")
     nan_policy: Literal["stop", "skip"] = _f("stop", "on a NaN/infinite loss: stop with a message, or skip that update and count it")
+    class_weights: str = _f("none", "weight each class's loss: none, balanced (inverse frequency in the training "
+                                    "split, scikit-learn's n / (classes x count)) or one weight per class, w1,w2,...")
 
 
 @dataclass
@@ -480,6 +482,14 @@ def validate(config: Config) -> None:
     if la.main_process_port is not None and not 0 < la.main_process_port < 65536:
         raise ConfigError(f"launch.main_process_port: must be a port number (1-65535), got {la.main_process_port}")
     validate_peft(config)
+    validate_problem(config)
+
+
+def validate_problem(config: Config) -> None:
+    """Settings about the kind of problem: class weights, calibration, long documents."""
+    from tuneloop.problems import parse_class_weights
+
+    parse_class_weights(config.train.class_weights)
 
 
 def validate_peft(config: Config) -> None:

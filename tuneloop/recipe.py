@@ -31,6 +31,7 @@ from tuneloop.loop import Run, TrainingState, run_evaluation, train_loop
 from tuneloop.model import (build_model, build_tokenizer, resolve_attention, resolve_model_path, saved_label_names,
                             enable_gradient_checkpointing, use_fast_dropout)
 from tuneloop.optim import build_optimizer, build_scheduler, num_training_steps
+from tuneloop.problems import build_loss
 from tuneloop.precision import accelerate_precision, apply_tf32, check_device_precision, reconcile_mixed_precision
 from tuneloop.signals import StopRequest
 from tuneloop.card import push_to_hub, write_model_card
@@ -112,9 +113,28 @@ def load_data(config: Config, tokenizer, accelerator, label_names=None, need_tra
     return raw, tokenized
 
 
+def train_dataloader(config: Config, dataset, collator, accelerator):
+    """The epoch batch sampler (sharded across processes by us) and the DataLoader over it."""
+    from accelerate.data_loader import prepare_data_loader
+
+    sampler = EpochBatchSampler(dataset["length"], config.train.batch_size, config.train.seed,
+                                group_by_length=config.data.group_by_length,
+                                num_processes=accelerator.num_processes, process_index=accelerator.process_index,
+                                accumulation_steps=config.train.gradient_accumulation_steps)
+    # Each DataLoader iterator draws a seed from its generator; with the default (global) one, every
+    # epoch start and every evaluation would shift the dropout RNG, so a resumed run would diverge.
+    # On a GPU, batches are copied from pinned memory without blocking: a blocking copy waits for the GPU.
+    on_gpu = accelerator.device.type == "cuda"
+    train_dl = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
+                                           generator=torch.Generator(), pin_memory=on_gpu)
+    # Our sampler already shards across processes: Accelerate only places batches on the device
+    # and tracks the end of the epoch for gradient accumulation.
+    return sampler, prepare_data_loader(train_dl, device=accelerator.device, num_processes=1, process_index=0,
+                                        put_on_device=True, rng_types=[], non_blocking=on_gpu)
+
+
 def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     """Data, model, optimizer and schedule, prepared by Accelerate: everything `train_loop` needs."""
-    from accelerate.data_loader import prepare_data_loader
     from accelerate.utils import set_seed
 
     set_seed(config.train.seed)
@@ -133,20 +153,9 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
 
-    sampler = EpochBatchSampler(tokenized["train"]["length"], config.train.batch_size, config.train.seed,
-                                group_by_length=config.data.group_by_length,
-                                num_processes=accelerator.num_processes, process_index=accelerator.process_index,
-                                accumulation_steps=config.train.gradient_accumulation_steps)
-    # Each DataLoader iterator draws a seed from its generator; with the default (global) one, every
-    # epoch start and every evaluation would shift the dropout RNG, so a resumed run would diverge.
-    # On a GPU, batches are copied from pinned memory without blocking: a blocking copy waits for the GPU.
-    on_gpu = accelerator.device.type == "cuda"
-    train_dl = torch.utils.data.DataLoader(tokenized["train"], batch_sampler=sampler, collate_fn=collator,
-                                           generator=torch.Generator(), pin_memory=on_gpu)
-    # Our sampler already shards across processes: Accelerate only places batches on the device
-    # and tracks the end of the epoch for gradient accumulation.
-    train_dl = prepare_data_loader(train_dl, device=accelerator.device, num_processes=1, process_index=0,
-                                   put_on_device=True, rng_types=[], non_blocking=on_gpu)
+    sampler, train_dl = train_dataloader(config, tokenized["train"], collator, accelerator)
+    loss, class_weights = build_loss(config.train.class_weights, raw.splits["train"]["label"], raw.label_names,
+                                     accelerator.device)
     eval_dls = {s: eval_dataloader(tokenized[s], collator, config.eval.eval_batch_size) for s in raw.eval_splits}
 
     total_steps = num_training_steps(len(sampler), config.train.epochs, config.train.gradient_accumulation_steps)
@@ -169,7 +178,8 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     run = Run(config=config, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
               train_dataloader=train_dl, train_sampler=sampler, eval_dataloaders=eval_dls, metrics=raw.metrics,
               main_metric=raw.main_metric, is_regression=raw.is_regression, num_training_steps=total_steps,
-              log=log_fn, state=state, tokenizer=tokenizer, raw=raw, rank_budget=budget)
+              log=log_fn, state=state, tokenizer=tokenizer, raw=raw, rank_budget=budget, loss=loss,
+              class_weights=class_weights)
     return run
 
 
@@ -214,7 +224,12 @@ def describe_run(run: Run) -> str:
     return (f"tuneloop: {sizes} | {acc.num_processes} process(es) on {acc.device}, precision {acc.mixed_precision} | "
             f"global batch {global_batch} = {cfg.train.batch_size} per device x {acc.num_processes} x "
             f"{cfg.train.gradient_accumulation_steps} accumulation | {run.num_training_steps} optimizer steps | "
-            + (f"peft {cfg.peft.method}: " if cfg.peft.method != "none" else "") + describe_parameters(run.model))
+            + (f"peft {cfg.peft.method}: " if cfg.peft.method != "none" else "") + describe_parameters(run.model)
+            + (f" | class weights {describe_weights(run)}" if run.class_weights else ""))
+
+
+def describe_weights(run: Run) -> str:
+    return ", ".join(f"{name} {w:.3f}" for name, w in zip(run.raw.label_names, run.class_weights))
 
 
 def train(config: Config, hooks: list | None = None) -> dict[str, float]:
@@ -301,4 +316,5 @@ def evaluate_model(config: Config) -> dict[str, dict[str, float]]:
     collator = Collator(tokenizer, config.data)
     dls = [eval_dataloader(tokenized[s], collator, config.eval.eval_batch_size) for s in splits]
     model, *dls = accelerator.prepare(model, *dls)
-    return {s: evaluate(model, dl, accelerator, raw.metrics, raw.is_regression) for s, dl in zip(splits, dls)}
+    return {s: evaluate(model, dl, accelerator, raw.metrics, raw.is_regression, raw.label_names)
+            for s, dl in zip(splits, dls)}

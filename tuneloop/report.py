@@ -98,7 +98,8 @@ def run_summary(run, train_seconds: float) -> dict[str, Any]:
             "samples_seen": state.samples_seen,
             "samples_per_second": round(state.samples_seen / train_seconds, 2) if train_seconds > 0 else None,
             "memory": memory, "device": str(device), "processes": run.accelerator.num_processes,
-            "precision": run.accelerator.mixed_precision}
+            "precision": run.accelerator.mixed_precision,
+            "class_weights": dict(zip(raw.label_names, run.class_weights)) if run.class_weights else None}
 
 
 # ---------------------------------------------------------------------------------------------
