@@ -112,6 +112,9 @@ class EvalConfig:
     eval_batch_size: int = _f(32, "examples per device per evaluation batch")
     early_stopping_patience: int | None = _f(None, "stop after N evaluations in a row without a new best main metric (null: never)")
     load_best_model: bool = _f(False, "save the weights of the best evaluation (by the main metric) as the model, not the last")
+    calibrate: bool = _f(False, "after training, fit temperature scaling on the validation split and fold it into the "
+                                "classifier's last layer (every loader gets calibrated probabilities); ECE and Brier "
+                                "score before and after go to eval_results.json and calibration.json")
 
 
 @dataclass

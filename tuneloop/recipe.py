@@ -25,7 +25,7 @@ from tuneloop.compiling import compile_padding, dynamo_kwargs, mark_cudagraph_st
 from tuneloop.devices import resolve_for_device
 from tuneloop.data import Collator, RawData, load_raw, tokenize_splits
 from tuneloop.evaluate import evaluate
-from tuneloop.errors import DataError, TuneloopError
+from tuneloop.errors import ConfigError, DataError, TuneloopError
 from tuneloop.launch import accelerator_kwargs, check_processes, is_main_process
 from tuneloop.loop import Run, TrainingState, run_evaluation, train_loop
 from tuneloop.model import (build_model, build_tokenizer, resolve_attention, resolve_model_path, saved_label_names,
@@ -34,6 +34,7 @@ from tuneloop.optim import build_optimizer, build_scheduler, num_training_steps
 from tuneloop.problems import build_loss
 from tuneloop.precision import accelerate_precision, apply_tf32, check_device_precision, reconcile_mixed_precision
 from tuneloop.signals import StopRequest
+from tuneloop.calibration import calibrate, summary as calibration_summary
 from tuneloop.card import push_to_hub, write_model_card
 from tuneloop.early_stopping import load_best_weights
 from tuneloop.report import dev_predictions, run_summary, write_predictions
@@ -133,6 +134,14 @@ def train_dataloader(config: Config, dataset, collator, accelerator):
                                         put_on_device=True, rng_types=[], non_blocking=on_gpu)
 
 
+def check_calibration(config: Config, raw: RawData) -> None:
+    if config.eval.calibrate and raw.is_regression:
+        raise ConfigError("eval.calibrate: temperature scaling calibrates class probabilities; this is a regression "
+                          "task (drop --calibrate)")
+    if config.eval.calibrate and not raw.eval_splits:
+        raise ConfigError("eval.calibrate: needs a validation split to fit the temperature on (--validation-file)")
+
+
 def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     """Data, model, optimizer and schedule, prepared by Accelerate: everything `train_loop` needs."""
     from accelerate.utils import set_seed
@@ -143,6 +152,7 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     for split in ["train", *raw.eval_splits]:
         if "labels" not in tokenized[split].column_names:
             raise DataError(f"{split} split has no labels")
+    check_calibration(config, raw)
     # A compiled model recompiles per new input shape (and records a CUDA graph per shape): padding bounds that.
     padding = compile_padding(config.train.compile, config.data.pad_to_multiple_of)
     collator = Collator(tokenizer, dataclasses.replace(config.data, pad_to_multiple_of=padding))
@@ -275,20 +285,31 @@ def train(config: Config, hooks: list | None = None) -> dict[str, float]:
                           and r["step"] == state.best_step), None)  # the log is on process 0's machine
         if best_eval is not None:
             results = {k: v for k, v in best_eval.items() if k not in ("type", "step", "epoch")}
-    if run.eval_dataloaders:
-        predictions = dev_predictions(run)  # every process takes part in the gathers
-    if accelerator.is_main_process:
-        save_model(run, out)
-        write_json(out / "eval_results.json", {**results, "step": state.step, "epoch": state.epoch, **best})
-        plot_learning_curves(metrics_log.records(), out / "learning_curves.png", run.main_metric)
-        if run.eval_dataloaders:
-            write_predictions(predictions, out / "predictions.jsonl")
-        write_json(out / "run_summary.json", run_summary(run, seconds))
-        write_model_card(out / "model", config, results, run.raw.task_name, run.raw.metrics)
+    calibration = calibrate(run) if config.eval.calibrate else None  # every process folds the same T
+    if calibration is not None:
+        results = {**results, **calibration_summary(calibration)}
+    write_outputs(run, out, {**results, "step": state.step, "epoch": state.epoch, **best}, seconds, calibration)
     end_training(run)
     if accelerator.is_main_process and config.output.push_to_hub:
         push_to_hub(out / "model", config.output.push_to_hub)
     return results
+
+
+def write_outputs(run: Run, out: Path, final: dict[str, Any], seconds: float, calibration: dict | None) -> None:
+    """The finished run's files: model, eval_results, curves, predictions, summary, card (and calibration)."""
+    if run.eval_dataloaders:
+        predictions = dev_predictions(run)  # every process takes part in the gathers
+    if not run.accelerator.is_main_process:
+        return
+    save_model(run, out)
+    write_json(out / "eval_results.json", final)
+    plot_learning_curves(run.log.records(), out / "learning_curves.png", run.main_metric)
+    if run.eval_dataloaders:
+        write_predictions(predictions, out / "predictions.jsonl")
+    if calibration is not None:
+        write_json(out / "calibration.json", calibration)
+    write_json(out / "run_summary.json", run_summary(run, seconds))
+    write_model_card(out / "model", run.config, final, run.raw.task_name, run.raw.metrics)
 
 
 def end_training(run: Run) -> None:

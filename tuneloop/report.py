@@ -155,6 +155,23 @@ def _confusion_png(rows: list[dict[str, Any]], names: list[str]) -> tuple[str, l
     return _png(fig), matrix.tolist()
 
 
+def reliability_png(calibration: dict[str, Any]) -> str:
+    """Accuracy against confidence per bin, before and after temperature scaling (cross-fitted)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), constrained_layout=True)
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, label="perfectly calibrated")
+    for key, name in (("reliability_before", "before"), ("reliability_after", "after")):
+        bins = calibration[key]
+        ece = calibration[f"ece_{name}"]
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o",
+                label=f"{name} (ECE {ece:.3f})")
+    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+           title=f"reliability, T = {calibration['temperature']:.3f}")
+    ax.legend(loc="upper left")
+    return _png(fig)
+
+
 def _scatter_png(rows: list[dict[str, Any]]) -> str:
     import matplotlib.pyplot as plt
 
@@ -181,6 +198,7 @@ def run_section(run_dir: Path) -> dict[str, Any]:
     records = _records(run_dir)
     results = _read_json(run_dir / "eval_results.json") or {}
     summary = _read_json(run_dir / "run_summary.json") or {}
+    calibration = _read_json(run_dir / "calibration.json")
     main_metric = results.get("main_metric") or "accuracy"
     curves = _file_png(run_dir / "learning_curves.png")
     if curves is None and records:  # an unfinished run: draw what it logged so far
@@ -213,6 +231,7 @@ def run_section(run_dir: Path) -> dict[str, Any]:
         "throughput": {"median": float(np.median(throughput)), "min": min(throughput), "max": max(throughput)}
         if throughput else None,
         "finished": bool(results),
+        "reliability": reliability_png(calibration) if calibration else None,
     }
 
 
