@@ -121,7 +121,12 @@ def calibrate(run) -> dict[str, Any]:
     """Fit T on the first validation split, fold it into the model (on every process alike), and return the
     record written to calibration.json."""
     split, dataloader = next(iter(run.eval_dataloaders.items()))
-    logits, labels = gathered_logits(run.model, dataloader, run.accelerator)
+    if "doc" in dataloader.dataset.column_names:  # per document; mean and max commute with dividing by T > 0
+        from tuneloop.chunking import document_logits
+
+        _, logits, labels = document_logits(run.model, dataloader, run.accelerator, run.config.data.chunk_aggregation)
+    else:
+        logits, labels = gathered_logits(run.model, dataloader, run.accelerator)
     temperature = fit_temperature(logits, labels)
     record = {"split": split, "num_examples": int(len(labels)), "temperature": temperature,
               "nll_before": nll(logits, labels, 1.0), "nll_fitted": nll(logits, labels, temperature),

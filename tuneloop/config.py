@@ -43,6 +43,12 @@ class DataConfig:
     # number of shapes, which cut peak RSS by a quarter at the same speed. GPUs' tensor cores want 8 too.
     pad_to_multiple_of: int | None = _f(8, "round padded lengths up to a multiple of this (fewer shapes: less memory for "
                                            "kernel caches, compilers, tensor cores; null: exact longest)")
+    long_text: Literal["truncate", "head-tail", "chunk"] = _f("truncate", "texts longer than max_length: truncate (keep "
+                                                                        "the start), head-tail (keep start and end), "
+                                                                        "or chunk (overlapping windows, aggregated "
+                                                                        "per document)")
+    stride: int = _f(32, "chunk: tokens shared by neighbouring windows (below max_length)")
+    chunk_aggregation: Literal["mean", "max"] = _f("mean", "chunk: a document's logits are the mean or max of its windows'")
     group_by_length: bool = _f(True, "batch examples of similar length together (less padding, same samples per epoch)")
     cache_dir: str | None = _f(None, "where tokenised datasets are cached (default: $TUNELOOP_CACHE or ~/.cache/tuneloop)")
     dataset: str | None = _f(None, "any Hugging Face dataset, loaded with datasets.load_dataset: a Hub name (imdb, "
@@ -493,6 +499,9 @@ def validate_problem(config: Config) -> None:
     from tuneloop.problems import parse_class_weights
 
     parse_class_weights(config.train.class_weights)
+    d = config.data
+    if d.stride < 0 or (d.long_text == "chunk" and d.stride >= d.max_length):
+        raise ConfigError(f"data.stride: must be in 0..max_length - 1 ({d.max_length - 1}), got {d.stride}")
 
 
 def validate_peft(config: Config) -> None:

@@ -78,7 +78,7 @@ def run_evaluation(run: Run) -> dict[str, float]:
     results = {}
     for i, (split, dataloader) in enumerate(run.eval_dataloaders.items()):
         metrics = evaluate(run.model, dataloader, run.accelerator, run.metrics, run.is_regression,
-                           run.raw.label_names if run.raw is not None else None)
+                           run.raw.label_names if run.raw is not None else None, run.config.data.chunk_aggregation)
         prefix = "" if i == 0 else f"{split}_"
         results.update({f"{prefix}{k}": v for k, v in metrics.items()})
     return results

@@ -64,30 +64,38 @@ def predict_rows(model_dir: str, df: pd.DataFrame, batch_size: int = 32, max_len
 
 
 def predict_with(model, tokenizer, df: pd.DataFrame, batch_size: int = 32, max_length: int = 512) -> list[dict]:
+    """One prediction per row; a model trained with --long-text head-tail or chunk reads its inputs the same way
+    (its settings are stored in its config), chunked documents by aggregating their windows' logits."""
+    import numpy as np
+
+    from tuneloop.chunking import aggregate, encode
+
     id2label = model.config.id2label
     regression = model.config.problem_type == "regression"
+    long_text = getattr(model.config, "tuneloop_long_text", None) or {}
     texts = df["text"].astype(str).tolist()
     pairs = df["text_pair"].astype(str).tolist() if "text_pair" in df.columns else None
-    encoded = tokenizer(texts, pairs, truncation=True, max_length=min(max_length, tokenizer.model_max_length))
-    order = sorted(range(len(texts)), key=lambda i: -len(encoded["input_ids"][i]))
-    results: list[dict | None] = [None] * len(texts)
-    progress = tqdm(total=len(texts), desc="predict", unit="row", disable=len(texts) < PROGRESS_MIN_ROWS,
+    encoded, docs = encode(tokenizer, texts, pairs, long_text.get("long_text", "truncate"),
+                           min(long_text.get("max_length", max_length), tokenizer.model_max_length),
+                           long_text.get("stride", 0))
+    order = sorted(range(len(encoded["input_ids"])), key=lambda i: -len(encoded["input_ids"][i]))
+    logits = np.zeros((len(order), model.config.num_labels))
+    progress = tqdm(total=len(order), desc="predict", unit="row", disable=len(texts) < PROGRESS_MIN_ROWS,
                     file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 30)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             rows = order[start: start + batch_size]
             batch = tokenizer.pad([{k: encoded[k][i] for k in encoded} for i in rows], return_tensors="pt")
-            logits = model(**batch).logits.float()
-            if regression:
-                out = [{"label": id2label[0], "score": v} for v in logits[:, 0].tolist()]
-            else:
-                scores, ids = logits.softmax(-1).max(-1)
-                out = [{"label": id2label[i], "score": s} for i, s in zip(ids.tolist(), scores.tolist())]
-            for i, row in zip(rows, out):
-                results[i] = row
+            logits[rows] = model(**batch).logits.float().numpy()
             progress.update(len(rows))
     progress.close()
-    return results
+    if docs is not None:
+        logits = aggregate(logits, np.asarray(docs), long_text.get("chunk_aggregation", "mean"))[1]
+    if regression:
+        return [{"label": id2label[0], "score": float(v)} for v in logits[:, 0]]
+    probs = torch.from_numpy(logits).softmax(-1)
+    scores, ids = probs.max(-1)
+    return [{"label": id2label[i], "score": s} for i, s in zip(ids.tolist(), scores.tolist())]
 
 
 def write_predictions(rows: Iterator[dict], out: TextIO) -> int:

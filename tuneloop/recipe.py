@@ -35,6 +35,7 @@ from tuneloop.problems import build_loss
 from tuneloop.precision import accelerate_precision, apply_tf32, check_device_precision, reconcile_mixed_precision
 from tuneloop.signals import StopRequest
 from tuneloop.calibration import calibrate, summary as calibration_summary
+from tuneloop.chunking import remember_long_text
 from tuneloop.card import push_to_hub, write_model_card
 from tuneloop.early_stopping import load_best_weights
 from tuneloop.report import dev_predictions, run_summary, write_predictions
@@ -160,10 +161,12 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     model = build_model(config.model.name_or_path, raw.label_names,
                         resolve_attention(config.model.attn_implementation, accelerator.device.type),
                         attention_dropout=config.model.attention_dropout)
+    remember_long_text(model.config, config.data)  # `tuneloop predict` reads long inputs the same way
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
 
-    sampler, train_dl = train_dataloader(config, tokenized["train"], collator, accelerator)
+    train_windows = tokenized["train"].remove_columns([c for c in ["doc"] if c in tokenized["train"].column_names])
+    sampler, train_dl = train_dataloader(config, train_windows, collator, accelerator)
     loss, class_weights = build_loss(config.train.class_weights, raw.splits["train"]["label"], raw.label_names,
                                      accelerator.device)
     eval_dls = {s: eval_dataloader(tokenized[s], collator, config.eval.eval_batch_size) for s in raw.eval_splits}
@@ -337,5 +340,5 @@ def evaluate_model(config: Config) -> dict[str, dict[str, float]]:
     collator = Collator(tokenizer, config.data)
     dls = [eval_dataloader(tokenized[s], collator, config.eval.eval_batch_size) for s in splits]
     model, *dls = accelerator.prepare(model, *dls)
-    return {s: evaluate(model, dl, accelerator, raw.metrics, raw.is_regression, raw.label_names)
-            for s, dl in zip(splits, dls)}
+    return {s: evaluate(model, dl, accelerator, raw.metrics, raw.is_regression, raw.label_names,
+                        config.data.chunk_aggregation) for s, dl in zip(splits, dls)}

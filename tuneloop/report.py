@@ -34,6 +34,13 @@ def dev_predictions(run) -> dict[str, Any]:
     from tuneloop.evaluate import predict_batches
 
     split, dataloader = next(iter(run.eval_dataloaders.items()))
+    if "doc" in dataloader.dataset.column_names:  # long documents in windows: one row per document
+        from tuneloop.chunking import document_logits, document_predictions
+
+        ids, logits, labels = document_logits(run.model, dataloader, run.accelerator, run.config.data.chunk_aggregation)
+        preds, scores = document_predictions(logits, run.is_regression)
+        rows = list(zip(ids.tolist(), preds.tolist(), scores.tolist(), labels.tolist()))
+        return {"split": split, "rows": rows, "frame": run.raw.splits[split], "label_names": run.raw.label_names}
     lengths = dataloader.dataset["length"]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # the evaluation sampler's order
     preds, scores, labels = [], [], []
@@ -78,6 +85,8 @@ def run_summary(run, train_seconds: float) -> dict[str, Any]:
     lengths = {"train": run.train_sampler.lengths, **{s: dl.dataset["length"] for s, dl in run.eval_dataloaders.items()}}
     for split, frame in raw.splits.items():
         entry: dict[str, Any] = {"examples": len(frame)}
+        if split in lengths and run.config.data.long_text == "chunk":
+            entry["windows"] = len(lengths[split])
         if split in lengths:
             arr = np.asarray(lengths[split])
             entry["tokens"] = {"mean": round(float(arr.mean()), 1), "p50": int(np.percentile(arr, 50)),
