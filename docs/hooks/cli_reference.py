@@ -52,6 +52,11 @@ def cell(text: str) -> str:
     return re.sub(r"(?<![\w`])\*|\*(?![\w`])", r"\\*", text)
 
 
+def sentence(text: str) -> str:
+    text = cell(text[:1].upper() + text[1:])
+    return text if text.endswith((".", "?", "!")) else text + "."
+
+
 def code(text: str) -> str:
     return f"`{text}`" if "`" not in text else f"`` {text} ``"
 
@@ -68,7 +73,7 @@ def yaml_value(value: Any) -> str:
 
 def type_name(tp: Any) -> str:
     text = tp.__name__ if isinstance(tp, type) else str(tp)
-    text = text.replace("typing.", "").replace("NoneType", "null").replace(" | ", " or ")
+    text = re.sub(r"\bNone(Type)?\b", "null", text.replace("typing.", "")).replace(" | ", " or ")
     return re.sub(r"Literal\[([^\]]*)\]", lambda m: m.group(1).replace("'", "").replace(", ", " or "), text)
 
 
@@ -85,7 +90,7 @@ def commands_table(commands: dict[str, tuple[str, argparse.ArgumentParser]]) -> 
 
 
 def command_section(name: str, help_text: str, parser: argparse.ArgumentParser) -> str:
-    lines = [f"## `tuneloop {name}` {{#tuneloop-{name}}}", "", cell(help_text) + ".", ""]
+    lines = [f"## `tuneloop {name}` {{#tuneloop-{name}}}", "", sentence(help_text), ""]
     own = [a for g in parser._action_groups if not is_config_group(g) for a in g._group_actions
            if not isinstance(a, argparse._HelpAction)]
     if own:
@@ -133,13 +138,13 @@ def config_reference(train_parser: argparse.ArgumentParser) -> str:
         if doc and not doc.startswith(f"{cls.__name__}("):  # dataclasses invent a signature docstring
             out += [cell(doc), ""]
         hints = typing.get_type_hints(cls)
-        out += ["| key | flags | type | default | what |", "|---|---|---|---|---|"]
-        for f in dataclasses.fields(cls):
+        for f in dataclasses.fields(cls):  # a list, not a table: keys, flags and help side by side get too narrow
             path = f"{section}.{f.name}"
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            names = ", ".join(code(n) for n in flags.get(path, []))
-            out.append(f"| <span id=\"{anchor(path)}\"></span>{code(path)} | {names} | {code(type_name(hints[f.name]))} | "
-                       f"{code(yaml_value(default))} | {cell(f.metadata.get('help', ''))} |")
+            names = " ".join(code(n) for n in flags.get(path, []))
+            out += [f"- <span id=\"{anchor(path)}\"></span>**{code(path)}** &nbsp; {names} &nbsp; "
+                    f"*{type_name(hints[f.name])}*, default {code(yaml_value(default))}", "",
+                    f"    {cell(f.metadata.get('help', ''))}", ""]
     return "\n".join(out)
 
 
