@@ -1,5 +1,5 @@
-"""The documentation site builds with `mkdocs build --strict`, its CLI reference holds every config field, and
-the README's links point at files that exist."""
+"""The documentation site builds with `mkdocs build --strict`, its CLI reference holds every config field, every
+command the README and the pages show exists in the CLI, and the README's links point at files that exist."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 import html
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +73,24 @@ def test_readme_is_short_and_its_relative_links_resolve():
     local = [link for link in links if not re.match(r"[a-z]+://", link)]
     assert local and all((ROOT / link).exists() for link in local), [l for l in local if not (ROOT / l).exists()]
     assert {"docs/cli.md", "docs/benchmarks.md", "docs/api.md"} <= set(local)
+
+
+def shown_commands(text: str) -> list[list[str]]:
+    """Every `tuneloop ...` command line in the ```bash blocks of a Markdown text, as argv (placeholders skipped)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.split(r"\s#\s", line)[0].strip()
+            if line.startswith(("tuneloop ", "python -m tuneloop ")) and "..." not in line and "[" not in line:
+                argv = shlex.split(line)
+                commands.append(argv[3:] if argv[0] == "python" else argv[1:])
+    return commands
+
+
+@pytest.mark.parametrize("page", ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))])
+def test_every_command_shown_exists_in_the_cli(page):
+    commands = shown_commands((ROOT / page).read_text(encoding="utf-8"))
+    for argv in commands:
+        build_parser().parse_args(argv)  # an unknown command or option raises ConfigError
+    if page == "README.md":
+        assert {argv[0] for argv in commands} >= {"train", "eval", "predict", "report"}
