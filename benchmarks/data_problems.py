@@ -7,8 +7,8 @@
 Parts (each row a fresh `python -m tuneloop train` process, the bundled all-MiniLM-L6-v2 unless --model):
   long        documents built from GLUE: 8-20 neutral MRPC news sentences, and one SST-2 sentence (its label is
               the document's) placed after the first 128 tokens, so `truncate` at max_length 128 never sees it.
-              Rows: --long-text truncate | head-tail | chunk (stride 32, mean aggregation): document accuracy
-              and training seconds (chunk trains on every window).
+              Rows: --long-text truncate | head-tail | chunk (stride 32, mean aggregation) | chunk-max (max
+              aggregation): document accuracy and training seconds (chunk trains on every window).
   imbalanced  MRPC with the training positives subsampled to 10% (seeded): rows --class-weights none |
               balanced, on every seed; the dev set is MRPC's own. Minority-class (equivalent) recall, macro-F1.
   calibrate   MRPC with --calibrate: ECE (15 bins) and Brier score before/after, cross-fitted on dev.
@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 GLUE = ROOT.parent / "shared" / "data" / "glue"
 PARTS = ("long", "imbalanced", "calibrate")
 LONG_ROWS = {"truncate": ["--long-text", "truncate"], "head-tail": ["--long-text", "head-tail"],
-             "chunk": ["--long-text", "chunk", "--stride", "32"]}
+             "chunk": ["--long-text", "chunk", "--stride", "32"],
+             "chunk-max": ["--long-text", "chunk", "--stride", "32", "--chunk-aggregation", "max"]}
 WEIGHT_ROWS = {"none": ["--class-weights", "none"], "balanced": ["--class-weights", "balanced"]}
 
 

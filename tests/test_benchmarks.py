@@ -134,3 +134,20 @@ def test_efficiency_extra_rows_come_from_flags_and_run_on_the_first_seed():
     with pytest.raises(SystemExit):
         efficiency.parse_args(["--rows", "lora,nope"])
     assert efficiency.plan(efficiency.parse_args(["--predict-only", "some/model"])) == []  # no training at all
+
+
+def test_data_problems_hides_the_evidence_past_the_first_window_and_subsamples_positives():
+    from benchmarks import data_problems as dp
+    from tuneloop.model import build_tokenizer
+
+    tok = build_tokenizer(None)
+    docs = dp.long_documents(20, "dev", 0, tok)
+    sst = dp.read_tsv(dp.GLUE / "SST-2" / "dev.tsv").sample(20, random_state=0)
+    for text, sentence, label in zip(docs["text"], sst["sentence"], sst["label"]):
+        before = text[: text.index(sentence.strip())]
+        assert len(tok(before, add_special_tokens=False)["input_ids"]) >= 128  # truncation at 128 never sees it
+        assert (label == "1") == (docs["label"][docs["text"] == text].item() == "positive")
+    full, sub = dp.mrpc_frame("train"), dp.imbalanced_train(0)
+    n_pos = (full["label"] == "equivalent").sum()
+    assert (sub["label"] == "equivalent").sum() == round(0.1 * n_pos)
+    assert (sub["label"] == "not_equivalent").sum() == (full["label"] == "not_equivalent").sum()

@@ -84,3 +84,11 @@ def test_calibrate_on_regression_is_one_line(tiny_model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0 and len(err.strip().splitlines()) == 1
     assert err.startswith("tuneloop: error: eval.calibrate: temperature scaling calibrates class probabilities")
+
+
+def test_calibrate_on_a_regression_task_is_refused_before_any_data_is_read():
+    from tuneloop.config import Config
+    from tuneloop.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.calibrate: .* stsb is a regression task"):
+        Config.from_flags(task="stsb", calibrate=True)

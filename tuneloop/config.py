@@ -502,6 +502,11 @@ def validate_problem(config: Config) -> None:
 
     parse_class_weights(config.train.class_weights)
     d = config.data
+    from tuneloop.tasks import TASKS
+
+    if config.eval.calibrate and d.task in TASKS and TASKS[d.task].is_regression:
+        raise ConfigError(f"eval.calibrate: temperature scaling calibrates class probabilities; {d.task} is a "
+                          f"regression task (drop --calibrate)")
     if d.stride < 0 or (d.long_text == "chunk" and d.stride >= d.max_length):
         raise ConfigError(f"data.stride: must be in 0..max_length - 1 ({d.max_length - 1}), got {d.stride}")
 
