@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop import launch
-from tuneloop.config import (SECTIONS, Config, ConfigError, _suggest, field_paths, load_config, recipe_names,
+from tuneloop.config import (SECTIONS, Config, ConfigError, field_paths, load_config, recipe_names,
                              short_names)
 from tuneloop.errors import TuneloopError
+from tuneloop.naming import did_you_mean
 
 # Options that belong to the command, not to the config.
 COMMAND_OPTIONS = {"config", "print_config", "debug"}
@@ -282,7 +283,7 @@ def _unknown_option_error(argv: list[str], command: str | None) -> None:
         if token.startswith("--"):
             name = token.split("=", 1)[0]
             if name not in known and name.replace("_", "-") not in known and name != "--help":
-                raise ConfigError(f"unknown option '{name}'{_suggest(name, known)}")
+                raise ConfigError(f"unknown option '{name}'{did_you_mean(name, known)}")
 
 
 def _dashed(token: str) -> str:
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0 if argv else 2
         if argv[0] not in COMMANDS:
-            raise ConfigError(f"unknown command '{argv[0]}'{_suggest(argv[0], COMMANDS)}; use one of {', '.join(COMMANDS)}")
+            raise ConfigError(f"unknown command '{argv[0]}'{did_you_mean(argv[0], COMMANDS)}; use one of {', '.join(COMMANDS)}")
         _unknown_option_error(argv[1:], argv[0])
         # Underscores are accepted as well as dashes: --learning_rate == --learning-rate.
         argv = [_dashed(a) for a in argv]

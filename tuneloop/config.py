@@ -8,7 +8,6 @@ and validates values before any work starts.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from tuneloop.errors import ConfigError
+from tuneloop.naming import did_you_mean
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -223,11 +223,6 @@ def short_names() -> dict[str, str]:
     return names
 
 
-def _suggest(name: str, candidates: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def _resolve_type(tp: Any) -> Any:
     return typing.get_type_hints(tp) if isinstance(tp, type) else tp
 
@@ -251,7 +246,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}{_suggest(str(value), map(str, choices))}")
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}{did_you_mean(str(value), map(str, choices))}")
         return value
     if origin is list:
         (item,) = typing.get_args(tp)
@@ -297,7 +292,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     sections = {}
     for section, values in raw.items():
         if section not in SECTIONS:
-            hint = _suggest(section, SECTIONS)
+            hint = did_you_mean(section, SECTIONS)
             if section in short_names() and not hint:  # a section's own near-namesake first ('optimizer')
                 hint = f" (did you mean '{short_names()[section]}'?)"
             raise ConfigError(f"unknown config section '{section}'{hint}")
@@ -311,7 +306,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         kwargs = {}
         for key, value in values.items():
             if key not in known:
-                raise ConfigError(f"unknown config key '{section}.{key}'{_suggest(key, known)}")
+                raise ConfigError(f"unknown config key '{section}.{key}'{did_you_mean(key, known)}")
             kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
         if section == "data" and kwargs.get("dataset") and "task" not in kwargs:
             kwargs["task"] = None  # a dataset of one's own, not GLUE's MRPC (the default task)
@@ -347,7 +342,7 @@ def resolve_config_path(path: str | Path) -> Path:
         if (RECIPES_DIR / f"{p.name}.yaml").is_file():
             return RECIPES_DIR / f"{p.name}.yaml"
         raise ConfigError(f"config file not found: {p} (built-in recipes: {', '.join(recipe_names())})"
-                          f"{_suggest(p.name, recipe_names())}")
+                          f"{did_you_mean(p.name, recipe_names())}")
     raise ConfigError(f"config file not found: {p}")
 
 
@@ -377,10 +372,10 @@ def overrides_from_flags(flags: dict[str, Any], prefix: str = "--") -> dict[str,
         key = name.replace("-", "_")
         if "." not in key:
             if key not in shorts:
-                raise ConfigError(f"unknown option '{prefix}{name}'{_suggest(key, list(shorts) + list(paths))}")
+                raise ConfigError(f"unknown option '{prefix}{name}'{did_you_mean(key, list(shorts) + list(paths))}")
             key = shorts[key]
         elif key not in paths:
-            raise ConfigError(f"unknown option '{prefix}{name}'{_suggest(key, paths)}")
+            raise ConfigError(f"unknown option '{prefix}{name}'{did_you_mean(key, paths)}")
         section, fname = key.split(".")
         nested.setdefault(section, {})[fname] = value
     return nested
@@ -400,7 +395,7 @@ def validate(config: Config) -> None:
     if d.task is not None:
         d.task = d.task.lower().replace("-", "")
         if d.task not in TASKS:
-            raise ConfigError(f"data.task: unknown task '{d.task}'{_suggest(d.task, TASKS)}; known: {', '.join(TASKS)}")
+            raise ConfigError(f"data.task: unknown task '{d.task}'{did_you_mean(d.task, TASKS)}; known: {', '.join(TASKS)}")
     elif not d.train_file and not d.validation_file and not d.test_file and not d.dataset:
         raise ConfigError("data.task is null, so give your own data with --train-file / --validation-file "
                           "or --dataset NAME")
@@ -450,12 +445,12 @@ def validate(config: Config) -> None:
     kernels = ["sdpa", "eager", "lean", "auto", *(k for k in AttentionInterface._global_mapping if k not in named)]
     if config.model.attn_implementation not in kernels:
         raise ConfigError(f"model.attn_implementation: unknown attention '{config.model.attn_implementation}'"
-                          f"{_suggest(config.model.attn_implementation, kernels)}; one of {', '.join(kernels)}")
+                          f"{did_you_mean(config.model.attn_implementation, kernels)}; one of {', '.join(kernels)}")
     from transformers.trainer_utils import SchedulerType
 
     schedules = [s.value for s in SchedulerType]
     if o.lr_scheduler not in schedules:
-        raise ConfigError(f"optim.lr_scheduler: unknown schedule '{o.lr_scheduler}'{_suggest(o.lr_scheduler, schedules)}")
+        raise ConfigError(f"optim.lr_scheduler: unknown schedule '{o.lr_scheduler}'{did_you_mean(o.lr_scheduler, schedules)}")
     if config.checkpoint.checkpoint_every < 0:
         raise ConfigError(f"checkpoint.checkpoint_every: must not be negative, got {config.checkpoint.checkpoint_every}")
     if config.checkpoint.keep_last < 1:

@@ -19,8 +19,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tuneloop.config import Config, _suggest, config_from_dict, field_paths, short_names
+from tuneloop.config import Config, config_from_dict, field_paths, short_names
 from tuneloop.errors import ConfigError, TuneloopError
+from tuneloop.naming import did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def parse_space(raw: Any, source: str = "search space") -> dict[str, dict[str, A
     for name, spec in raw.items():
         path = shorts.get(str(name), str(name))
         if path not in paths:
-            raise ConfigError(f"{source}: unknown parameter '{name}'{_suggest(str(name), list(paths) + list(shorts))}")
+            raise ConfigError(f"{source}: unknown parameter '{name}'{did_you_mean(str(name), list(paths) + list(shorts))}")
         if path in NOT_SEARCHABLE:
             raise ConfigError(f"{source}: '{path}' cannot be searched (it is fixed for the whole study)")
         if isinstance(spec, list):
