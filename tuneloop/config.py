@@ -388,10 +388,31 @@ def load_config(path: str | Path | None = None, flags: dict[str, Any] | None = N
 
 
 def validate(config: Config) -> None:
-    """Value checks that need no data; each failure names the key."""
+    """Value checks that need no data, section by section; the first failure is raised and names its key."""
+    from tuneloop.tracking import check_report_to
+
+    validate_data(config.data)
+    validate_model(config.model)
+    validate_optim(config.optim)
+    validate_train(config.train)
+    validate_eval(config.eval)
+    validate_checkpoint(config.checkpoint)
+    check_report_to(config.output.report_to)
+    validate_launch(config.launch)
+    validate_peft(config)
+
+
+def _check_at_least_one(values: dict[str, int | None], message: str = "must be at least 1") -> None:
+    """Each `key: value` is at least 1; a None value is an unset option and passes."""
+    for key, value in values.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}: {message}, got {value}")
+
+
+def validate_data(d: DataConfig) -> None:
+    """One data source, a known task (normalised in place: 'SST-2' -> 'sst2'), positive lengths and sample caps."""
     from tuneloop.tasks import TASKS
 
-    d, o, t, e = config.data, config.optim, config.train, config.eval
     if d.task is not None:
         d.task = d.task.lower().replace("-", "")
         if d.task not in TASKS:
@@ -405,21 +426,30 @@ def validate(config: Config) -> None:
         raise ConfigError("data.dataset_config/train_split/validation_split/test_split: only apply with --dataset NAME")
     if d.text_columns is not None and not 1 <= len(d.text_columns) <= 2:
         raise ConfigError(f"data.text_columns: give one or two columns, got {d.text_columns}")
-    positive = {
-        "data.max_length": d.max_length,
-        "train.epochs": t.epochs,
-        "train.batch_size": t.batch_size,
-        "train.gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "train.log_every": t.log_every,
-        "eval.eval_batch_size": e.eval_batch_size,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}: must be at least 1, got {value}")
-    for key, value in {"data.max_train_samples": d.max_train_samples, "data.max_eval_samples": d.max_eval_samples,
-                       "data.pad_to_multiple_of": d.pad_to_multiple_of}.items():
-        if value is not None and value < 1:
-            raise ConfigError(f"{key}: must be at least 1 (or null), got {value}")
+    _check_at_least_one({"data.max_length": d.max_length})
+    _check_at_least_one({"data.max_train_samples": d.max_train_samples, "data.max_eval_samples": d.max_eval_samples,
+                         "data.pad_to_multiple_of": d.pad_to_multiple_of}, "must be at least 1 (or null)")
+
+
+def validate_model(m: ModelConfig) -> None:
+    """Attention dropout in [0, 1) and an attention kernel that transformers (or tuneloop) provides."""
+    from transformers import AttentionInterface
+
+    from tuneloop.model import LEAN_ATTENTION
+
+    if m.attention_dropout is not None and not 0 <= m.attention_dropout < 1:
+        raise ConfigError(f"model.attention_dropout: must be in [0, 1) or null, got {m.attention_dropout}")
+    named = ("sdpa", LEAN_ATTENTION)
+    kernels = ["sdpa", "eager", "lean", "auto", *(k for k in AttentionInterface._global_mapping if k not in named)]
+    if m.attn_implementation not in kernels:
+        raise ConfigError(f"model.attn_implementation: unknown attention '{m.attn_implementation}'"
+                          f"{did_you_mean(m.attn_implementation, kernels)}; one of {', '.join(kernels)}")
+
+
+def validate_optim(o: OptimConfig) -> None:
+    """AdamW's settings in range, warmup shorter than training, and a schedule transformers knows."""
+    from transformers.trainer_utils import SchedulerType
+
     if o.learning_rate <= 0:
         raise ConfigError(f"optim.learning_rate: must be positive, got {o.learning_rate}")
     if o.weight_decay < 0:
@@ -434,39 +464,34 @@ def validate(config: Config) -> None:
         raise ConfigError(f"optim.warmup_ratio: must be in [0, 1) (warmup longer than training), got {o.warmup_ratio}")
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps: must not be negative, got {o.warmup_steps}")
-    dropout = config.model.attention_dropout
-    if dropout is not None and not 0 <= dropout < 1:
-        raise ConfigError(f"model.attention_dropout: must be in [0, 1) or null, got {dropout}")
-    from transformers import AttentionInterface
-
-    from tuneloop.model import LEAN_ATTENTION
-
-    named = ("sdpa", LEAN_ATTENTION)
-    kernels = ["sdpa", "eager", "lean", "auto", *(k for k in AttentionInterface._global_mapping if k not in named)]
-    if config.model.attn_implementation not in kernels:
-        raise ConfigError(f"model.attn_implementation: unknown attention '{config.model.attn_implementation}'"
-                          f"{did_you_mean(config.model.attn_implementation, kernels)}; one of {', '.join(kernels)}")
-    from transformers.trainer_utils import SchedulerType
-
     schedules = [s.value for s in SchedulerType]
     if o.lr_scheduler not in schedules:
         raise ConfigError(f"optim.lr_scheduler: unknown schedule '{o.lr_scheduler}'{did_you_mean(o.lr_scheduler, schedules)}")
-    if config.checkpoint.checkpoint_every < 0:
-        raise ConfigError(f"checkpoint.checkpoint_every: must not be negative, got {config.checkpoint.checkpoint_every}")
-    if config.checkpoint.keep_last < 1:
-        raise ConfigError(f"checkpoint.keep_last: must be at least 1, got {config.checkpoint.keep_last}")
+
+
+def validate_train(t: TrainConfig) -> None:
+    _check_at_least_one({"train.epochs": t.epochs, "train.batch_size": t.batch_size,
+                         "train.gradient_accumulation_steps": t.gradient_accumulation_steps,
+                         "train.log_every": t.log_every})
+
+
+def validate_eval(e: EvalConfig) -> None:
+    _check_at_least_one({"eval.eval_batch_size": e.eval_batch_size})
     if e.eval_every < 0:
         raise ConfigError(f"eval.eval_every: must not be negative, got {e.eval_every}")
-    if e.early_stopping_patience is not None and e.early_stopping_patience < 1:
-        raise ConfigError(f"eval.early_stopping_patience: must be at least 1 (or null), got {e.early_stopping_patience}")
-    from tuneloop.tracking import check_report_to
+    _check_at_least_one({"eval.early_stopping_patience": e.early_stopping_patience}, "must be at least 1 (or null)")
 
-    check_report_to(config.output.report_to)
-    la = config.launch
-    for key, value in {"launch.num_processes": la.num_processes, "launch.num_machines": la.num_machines,
-                       "launch.timeout": la.timeout}.items():
-        if value is not None and value < 1:
-            raise ConfigError(f"{key}: must be at least 1, got {value}")
+
+def validate_checkpoint(c: CheckpointConfig) -> None:
+    if c.checkpoint_every < 0:
+        raise ConfigError(f"checkpoint.checkpoint_every: must not be negative, got {c.checkpoint_every}")
+    _check_at_least_one({"checkpoint.keep_last": c.keep_last})
+
+
+def validate_launch(la: LaunchConfig) -> None:
+    """Process and machine counts, this machine's rank among them, and where machine 0 listens."""
+    _check_at_least_one({"launch.num_processes": la.num_processes, "launch.num_machines": la.num_machines,
+                         "launch.timeout": la.timeout})
     if not 0 <= la.machine_rank < la.num_machines:
         raise ConfigError(f"launch.machine_rank: must be in 0..{la.num_machines - 1} "
                           f"(launch.num_machines is {la.num_machines}), got {la.machine_rank}")
@@ -474,7 +499,6 @@ def validate(config: Config) -> None:
         raise ConfigError("launch.main_process_ip: several machines need the address of machine 0 (--main-process-ip)")
     if la.main_process_port is not None and not 0 < la.main_process_port < 65536:
         raise ConfigError(f"launch.main_process_port: must be a port number (1-65535), got {la.main_process_port}")
-    validate_peft(config)
 
 
 def validate_peft(config: Config) -> None:
