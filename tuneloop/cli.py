@@ -71,6 +71,34 @@ class Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+def add_inference_parsers(sub) -> None:
+    """predict, export and serve: the commands over a saved model."""
+    pr = sub.add_parser("predict", help="predict labels for a JSONL/CSV file", allow_abbrev=False)
+    pr.add_argument("--model-dir", required=True, metavar="DIR", help="saved model folder (OUT/model)")
+    pr.add_argument("--input", required=True, metavar="FILE|-", help="JSONL or CSV with 'text' (and 'text_pair'); - for stdin")
+    pr.add_argument("--output", metavar="FILE", help="write JSON lines here instead of stdout")
+    pr.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default: 32)")
+    pr.add_argument("--quantize", metavar="int8", help="int8: dynamic int8 Linear layers on CPU (faster, see README)")
+    pr.add_argument("--runtime", default="torch", metavar="torch|onnx",
+                    help="torch, or onnx: ONNX Runtime on a folder from export --format onnx (default: torch)")
+    pr.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+    ex = sub.add_parser("export", help="write a standalone (optionally int8) model folder", allow_abbrev=False)
+    ex.add_argument("--model-dir", required=True, metavar="DIR", help="saved model folder (OUT/model or OUT/model-merged)")
+    ex.add_argument("--output-dir", required=True, metavar="DIR", help="folder to write (adapters merged, tokenizer included)")
+    ex.add_argument("--quantize", metavar="int8", help="int8: int8 Linear weights via torchao (loading needs torchao); "
+                                                      "with --format onnx: ONNX Runtime's int8 quantisation")
+    ex.add_argument("--format", metavar="onnx", help="onnx: model.onnx for ONNX Runtime, beside the tokenizer and labels "
+                                                   "(default: a transformers folder)")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    ex.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+    sv = sub.add_parser("serve", help="serve a saved model over HTTP, with dynamic batching and a try-it page",
+                        allow_abbrev=False)
+    add_settings_flags(sv)
+    sv.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="tuneloop", allow_abbrev=False,
                     description="Fine-tune and evaluate Hugging Face sequence classifiers with one visible loop.")
@@ -96,30 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(ev, only={p for p in field_paths() if p.startswith(("data.", "eval.", "output.output_dir"))
                                } | {"train.mixed_precision"})
 
-    pr = sub.add_parser("predict", help="predict labels for a JSONL/CSV file", allow_abbrev=False)
-    pr.add_argument("--model-dir", required=True, metavar="DIR", help="saved model folder (OUT/model)")
-    pr.add_argument("--input", required=True, metavar="FILE|-", help="JSONL or CSV with 'text' (and 'text_pair'); - for stdin")
-    pr.add_argument("--output", metavar="FILE", help="write JSON lines here instead of stdout")
-    pr.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default: 32)")
-    pr.add_argument("--quantize", metavar="int8", help="int8: dynamic int8 Linear layers on CPU (faster, see README)")
-    pr.add_argument("--runtime", default="torch", metavar="torch|onnx",
-                    help="torch, or onnx: ONNX Runtime on a folder from export --format onnx (default: torch)")
-    pr.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-
-    ex = sub.add_parser("export", help="write a standalone (optionally int8) model folder", allow_abbrev=False)
-    ex.add_argument("--model-dir", required=True, metavar="DIR", help="saved model folder (OUT/model or OUT/model-merged)")
-    ex.add_argument("--output-dir", required=True, metavar="DIR", help="folder to write (adapters merged, tokenizer included)")
-    ex.add_argument("--quantize", metavar="int8", help="int8: int8 Linear weights via torchao (loading needs torchao); "
-                                                      "with --format onnx: ONNX Runtime's int8 quantisation")
-    ex.add_argument("--format", metavar="onnx", help="onnx: model.onnx for ONNX Runtime, beside the tokenizer and labels "
-                                                   "(default: a transformers folder)")
-    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
-    ex.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-
-    sv = sub.add_parser("serve", help="serve a saved model over HTTP, with dynamic batching and a try-it page",
-                        allow_abbrev=False)
-    add_settings_flags(sv)
-    sv.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    add_inference_parsers(sub)
 
     data = sub.add_parser("data", help="show what the training loop will see", allow_abbrev=False)
     common(data)

@@ -85,13 +85,18 @@ class Batcher:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="tuneloop-model")
         self.stats = {"batches": 0, "inputs": 0, "largest_batch": 0, "last_batch": 0}
+        self.in_flight = 0  # inputs received and not yet answered
 
     async def predict(self, inputs: list[tuple[str, str | None]]) -> list[dict]:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in inputs]
         for item, future in zip(inputs, futures):
             self.queue.put_nowait((item, future))
-        return list(await asyncio.gather(*futures))
+        self.in_flight += len(inputs)
+        try:
+            return list(await asyncio.gather(*futures))
+        finally:
+            self.in_flight -= len(inputs)
 
     async def collect(self) -> list:
         """The next batch: the first waiting input, then whatever joins it within max_wait (up to the size)."""
@@ -268,12 +273,25 @@ def error_response(status: int, field: str, message: str):
     return JSONResponse({"error": message, "field": field}, status_code=status)
 
 
+def add_error_handlers(app) -> None:
+    """Every bad request answers {"error": ..., "field": ...} with a 4xx status."""
+    from fastapi.exceptions import RequestValidationError
+
+    @app.exception_handler(RequestError)
+    async def bad_request(request, e: RequestError):
+        return error_response(e.status, e.field, e.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(request, e: RequestValidationError):  # a query parameter such as ?all_scores=maybe
+        error = describe_error({**e.errors()[0], "loc": e.errors()[0]["loc"][1:]}, "")
+        return error_response(error.status, error.field, error.message)
+
+
 def create_app(settings: ServeSettings, model=None, tokenizer=None):
     """The FastAPI app: POST /predict, GET /health, GET /metadata, the page at /, OpenAPI docs at /docs."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
 
     if model is None:
@@ -292,15 +310,7 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None):
     app = FastAPI(title="tuneloop serve", version="1", lifespan=lifespan,
                   description=f"{info['problem_type']} over {', '.join(info['labels'])} ({settings.runtime})")
 
-    @app.exception_handler(RequestError)
-    async def bad_request(request, e: RequestError):
-        return error_response(e.status, e.field, e.message)
-
-    @app.exception_handler(RequestValidationError)
-    async def bad_parameter(request, e: RequestValidationError):  # a query parameter such as ?all_scores=maybe
-        error = describe_error({**e.errors()[0], "loc": e.errors()[0]["loc"][1:]}, "")
-        return error_response(error.status, error.field, error.message)
-
+    add_error_handlers(app)
     item_schema = schema.model_json_schema()
     body_schema = {"anyOf": [item_schema, {"type": "array", "items": item_schema, "minItems": 1,
                                            "maxItems": settings.max_inputs}]}
@@ -326,7 +336,7 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None):
     @app.get("/metadata")
     async def metadata():
         return {**info, "batching": {"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms,
-                                     **batcher.stats}, "pid": os.getpid()}
+                                     **batcher.stats, "in_flight": batcher.in_flight}, "pid": os.getpid()}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
