@@ -21,10 +21,10 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
-from tuneloop.errors import TuneloopError
+from tuneloop.errors import ConfigError, TuneloopError
 
 ONNX_FILE = "model.onnx"
-INFO_FILE = "onnx_export.json"  # how the folder was written: exporter, opset, inputs, quantisation
+INFO_FILE = "onnx_export.json"  # label names, problem type; how it was written: exporter, opset, int8
 OPSET = 18
 FORMATS = ("onnx",)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".data")
@@ -41,7 +41,7 @@ def require_onnxruntime(what: str = "the ONNX runtime"):
 
 def check_format(fmt: str | None) -> str | None:
     if fmt is not None and fmt not in FORMATS:
-        raise TuneloopError(f"--format: {fmt!r} is not supported; choose onnx (or leave it out for a "
+        raise ConfigError(f"--format: {fmt!r} is not supported; choose onnx (or leave it out for a "
                             f"transformers folder)")
     return fmt
 
@@ -136,7 +136,12 @@ def export_onnx(model_dir: str, output_dir: str, quantize: str | None = None, ov
         tokenizer.save_pretrained(tmp)
         import torch
 
-        info = {"exporter": f"torch.onnx.export (dynamo), torch {torch.__version__}", "opset": OPSET,
+        config = model.config
+        regression = config.problem_type == "regression"
+        # Label names spelled out: config.json leaves out transformers' default LABEL_i names.
+        info = {"labels": [config.id2label[i] for i in range(1 if regression else config.num_labels)],
+                "problem_type": config.problem_type or "single_label_classification",
+                "exporter": f"torch.onnx.export (dynamo), torch {torch.__version__}", "opset": OPSET,
                 "inputs": input_names, "outputs": ["logits"], "dynamic_axes": {"0": "batch", "1": "sequence"},
                 "quantize": quantize}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
