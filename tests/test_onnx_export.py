@@ -179,3 +179,13 @@ def test_bad_format_and_missing_onnx_model_are_one_line(tiny_model_dir, tmp_path
     assert main(["predict", "--model-dir", str(tiny_model_dir), "--input", str(inp), "--runtime", "tflite"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "tuneloop: error: --runtime: 'tflite' is not a runtime; choose torch or onnx"]
+
+
+def test_without_the_onnx_extra_export_says_what_to_install(tiny_model_dir, tmp_path):
+    code = ("import sys; sys.modules['onnxscript'] = None; from tuneloop.cli import main; "
+            f"sys.exit(main(['export', '--model-dir', {str(tiny_model_dir)!r}, '--output-dir', {str(tmp_path / 'o')!r}, "
+            "'--format', 'onnx']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "tuneloop: error: ONNX export needs onnxscript, which is not installed: pip install 'tuneloop[onnx]'"]

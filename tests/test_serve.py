@@ -385,3 +385,13 @@ def test_page_types_clicks_and_shows_the_label_without_console_errors(server, ti
 def test_the_page_loads_nothing_from_outside(server):
     page = httpx.get(f"{server.url}/").text
     assert "<textarea" in page and "http://" not in page and "https://" not in page and "//cdn" not in page
+
+
+def test_without_the_serve_extra_serve_says_what_to_install(tiny_model_dir):
+    code = ("import sys; sys.modules['uvicorn'] = None; from tuneloop.cli import main; "
+            f"sys.exit(main(['serve', '--model-dir', {str(tiny_model_dir)!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "tuneloop: error: tuneloop serve needs fastapi and uvicorn, which are not installed: pip install 'tuneloop[serve]'"]

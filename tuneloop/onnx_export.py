@@ -31,12 +31,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".data")
 NOT_COPIED = ("adapter_config.json",)  # the export is a merged, plain model
 
 
-def require_onnxruntime(what: str = "the ONNX runtime"):
-    try:
-        import onnxruntime
-    except ImportError:
-        raise TuneloopError(f"{what} needs onnxruntime, which is not installed: pip install 'tuneloop[onnx]'") from None
-    return onnxruntime
+def require_onnxruntime(what: str = "the ONNX runtime", modules: tuple[str, ...] = ("onnxruntime",)):
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise TuneloopError(f"{what} needs {name}, which is not installed: pip install 'tuneloop[onnx]'") from None
+    return importlib.import_module("onnxruntime")
 
 
 def check_format(fmt: str | None) -> str | None:
@@ -116,7 +119,7 @@ def export_onnx(model_dir: str, output_dir: str, quantize: str | None = None, ov
     from tuneloop.model import build_tokenizer, resolve_model_path
 
     check_quantize(quantize)
-    require_onnxruntime("ONNX export")
+    require_onnxruntime("ONNX export", ("onnx", "onnxscript", "onnxruntime"))
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise TuneloopError(f"output folder {out} is not empty; pass --overwrite or choose another --output-dir")
