@@ -217,7 +217,7 @@ def tables(result: dict) -> str:
         lines.append(f"| {r['row']} | {r['accuracy']:.4f} | {r['f1']:.4f} | {r['predictions_per_second']:.1f} | "
                      f"{r['model_mb']:.1f} |")
     lines += ["", f"ORT fp32 vs torch fp32, largest |logit| difference on dev: {result['max_logit_diff']:.2e}", "",
-              "| serving | clients | requests | errors | requests/s | p50 ms | p99 ms | largest batch |",
+              "| serving | clients | requests | errors | requests/s | p50 ms | p99 ms | largest batch since start |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["serving"]:
         lines.append(f"| {r['batching']} | {r['clients']} | {r['requests']} | {r['errors']} | "

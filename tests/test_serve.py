@@ -232,8 +232,13 @@ class Chromium:
         self._from_browser, from_browser_w = os.pipe()
 
         def pipes_on_3_and_4():
-            os.dup2(to_browser_r, 3)
-            os.dup2(from_browser_w, 4)
+            import fcntl
+
+            # Copied above 10 first: a pipe end may itself be fd 3 or 4, and dup2 onto itself would leave it
+            # close-on-exec.
+            high_r, high_w = (fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_browser_r, from_browser_w))
+            os.dup2(high_r, 3)
+            os.dup2(high_w, 4)
 
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--hide-scrollbars", f"--window-size={size}",

@@ -54,11 +54,13 @@ def check_runtime(runtime: str) -> str:
     return runtime
 
 
-def load_for_prediction(model_dir: str, quantize: str | None = None, runtime: str = "torch"):
+def load_for_prediction(model_dir: str, quantize: str | None = None, runtime: str = "torch",
+                        threads: int | None = None):
     """(model in eval mode, tokenizer) from any saved folder; `quantize="int8"`: int8 weights and activations.
 
     `runtime="onnx"` reads the folder's ONNX model (`tuneloop export --format onnx`) into ONNX Runtime; the
-    object it returns is called like a transformers model, so everything below runs unchanged on it."""
+    object it returns is called like a transformers model, so everything below runs unchanged on it.
+    `threads`: CPU threads per forward pass (default: the runtime's choice)."""
     from tuneloop.export import check_quantize, load_saved_model, quantize_dynamic_int8
 
     check_quantize(quantize)
@@ -68,7 +70,9 @@ def load_for_prediction(model_dir: str, quantize: str | None = None, runtime: st
     if runtime == "onnx":
         from tuneloop.onnx_export import load_onnx_model
 
-        return load_onnx_model(path, quantize), tokenizer
+        return load_onnx_model(path, quantize, threads), tokenizer
+    if threads:
+        torch.set_num_threads(threads)
     model = load_saved_model(path).eval()
     return (quantize_dynamic_int8(model) if quantize == "int8" else model), tokenizer
 

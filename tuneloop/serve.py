@@ -254,17 +254,7 @@ def describe_model(settings: ServeSettings, model, tokenizer) -> dict:
 def load_model(settings: ServeSettings):
     from tuneloop.predict import load_for_prediction
 
-    if settings.threads:
-        import torch
-
-        torch.set_num_threads(settings.threads)
-    if settings.runtime == "onnx":
-        from tuneloop.model import build_tokenizer, resolve_model_path
-        from tuneloop.onnx_export import load_onnx_model
-
-        path = resolve_model_path(settings.model_dir)
-        return load_onnx_model(path, settings.quantize, settings.threads), build_tokenizer(path)
-    return load_for_prediction(settings.model_dir, settings.quantize, settings.runtime)
+    return load_for_prediction(settings.model_dir, settings.quantize, settings.runtime, settings.threads)
 
 
 def error_response(status: int, field: str, message: str):
