@@ -400,3 +400,16 @@ def test_without_the_serve_extra_serve_says_what_to_install(tiny_model_dir):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         "tuneloop: error: tuneloop serve needs fastapi and uvicorn, which are not installed: pip install 'tuneloop[serve]'"]
+
+
+def test_workers_start_several_processes_that_serve_and_stop_with_exit_0(tiny_model_dir, tmp_path):
+    srv = Server(tiny_model_dir, tmp_path / "server.log", "--workers", "2")
+    try:
+        assert srv.post({"text": "served by a worker"}).status_code == 200
+        deadline = time.monotonic() + START_TIMEOUT
+        while srv.log.read_text().count("Started server process") < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        started = [line for line in srv.log.read_text().splitlines() if "Started server process" in line]
+        assert len(started) == 2 and srv.metadata()["pid"] != srv.proc.pid  # workers answer, not the parent
+    finally:
+        assert srv.stop() == 0
