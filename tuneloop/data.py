@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from tuneloop.config import DataConfig
 from tuneloop.errors import DataError
 from tuneloop.hf_dataset import load_dataset_dict, load_hf_dataset
+from tuneloop.labels import describe_rows, encode_labels, infer_label_names, unlabeled_rows
 from tuneloop.tasks import TASKS, Task, TsvLayout
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class RawData:
     main_metric: str
     task_name: str | None
     sources: dict[str, str] = field(default_factory=dict)  # split -> where it came from
+    dropped: dict[str, int] = field(default_factory=dict)  # split -> rows dropped without a label (--drop-unlabeled)
 
     @property
     def is_regression(self) -> bool:
@@ -184,10 +185,13 @@ def load_user_files(cfg: DataConfig, task: Task | None) -> tuple[dict[str, pd.Da
         missing = [c for c in cols if c not in df.columns]
         if missing:
             raise DataError(f"{split} file {path}: missing text column(s) {missing}; found {list(df.columns)}")
+        label_column = cfg.label_column or ("label" if "label" in df.columns else None)
+        if label_column in cols:
+            raise DataError(f"{split} file {path}: column '{label_column}' is both a text column and the label "
+                            f"column, so the model would read the answer; choose other --text-columns or --label-column")
         norm = pd.DataFrame({"text": df[cols[0]].astype(str)})
         if len(cols) == 2:
             norm["text_pair"] = df[cols[1]].astype(str)
-        label_column = cfg.label_column or ("label" if "label" in df.columns else None)
         if label_column and label_column in df.columns:
             norm["label"] = df[label_column]
         elif split != "test":
@@ -196,57 +200,6 @@ def load_user_files(cfg: DataConfig, task: Task | None) -> tuple[dict[str, pd.Da
         out[split] = norm
         sources[split] = str(path)
     return out, sources
-
-
-# ---------------------------------------------------------------------------------------------
-# Labels
-
-
-def _is_number(value: Any) -> bool:
-    try:
-        float(value)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
-def infer_label_names(train_labels: pd.Series) -> list[str] | None:
-    """Label names for user data: None (regression) for non-integer numbers, else sorted unique values."""
-    values = train_labels.tolist()
-    if values and all(_is_number(v) for v in values):
-        floats = np.asarray(values, dtype=float)
-        if not np.all(floats == np.round(floats)):
-            return None
-        return [str(int(v)) for v in sorted(set(floats.astype(int).tolist()))]
-    return sorted({str(v) for v in values})
-
-
-def encode_labels(df: pd.DataFrame, label_names: list[str] | None, split: str) -> pd.DataFrame:
-    """Map raw labels to ids (classification) or floats (regression); unknown labels are an error."""
-    if "label" not in df.columns:
-        return df
-    raw = df["label"]
-    if label_names is None:
-        try:
-            labels = raw.astype(float)
-        except (TypeError, ValueError):
-            bad = next(v for v in raw if not _is_number(v))
-            raise DataError(f"{split}: regression label {bad!r} is not a number") from None
-        return df.assign(label=labels.astype("float32"))
-    index = {name: i for i, name in enumerate(label_names)}
-    ids = []
-    for value in raw.tolist():
-        key = str(value).strip()
-        if key in index:
-            ids.append(index[key])
-        elif _is_number(key) and float(key).is_integer() and str(int(float(key))) in index:
-            ids.append(index[str(int(float(key)))])
-        elif _is_number(key) and float(key).is_integer() and 0 <= int(float(key)) < len(label_names) \
-                and not all(_is_number(n) for n in label_names):
-            ids.append(int(float(key)))
-        else:
-            raise DataError(f"{split}: label {value!r} is not in the label set {label_names}")
-    return df.assign(label=np.asarray(ids, dtype=np.int64))
 
 
 def load_raw(cfg: DataConfig, label_names: list[str] | None = None, need_train: bool = True) -> RawData:
@@ -269,6 +222,7 @@ def load_raw(cfg: DataConfig, label_names: list[str] | None = None, need_train: 
         splits = load_hub_glue(task)
         sources = {s: f"hub:{HUB_DATASET}/{task.name}" for s in splits}
 
+    splits, dropped = handle_unlabeled(splits, sources, cfg)
     if need_train and "train" not in splits:
         raise DataError("no training split: give --train-file, or a --data-dir that holds train.tsv")
     for name, df in splits.items():
@@ -305,7 +259,30 @@ def load_raw(cfg: DataConfig, label_names: list[str] | None = None, need_train: 
         metrics, main = ("accuracy", "f1"), "accuracy"
     else:
         metrics, main = ("accuracy", "f1_macro"), "accuracy"
-    return RawData(splits, label_names, metrics, main, task.name if task else None, sources)
+    return RawData(splits, label_names, metrics, main, task.name if task else None, sources, dropped)
+
+
+def handle_unlabeled(splits: dict[str, pd.DataFrame], sources: dict[str, str], cfg: DataConfig
+                     ) -> tuple[dict[str, pd.DataFrame], dict[str, int]]:
+    """Rows without a label: an error naming them, or dropped and counted (`--drop-unlabeled`).
+
+    Left in, an empty cell would become a class "" and a NaN would turn a classification file into
+    regression. A test split whose label cells are all empty is simply unlabeled."""
+    out, dropped = {}, {}
+    for name, df in splits.items():
+        rows = unlabeled_rows(df["label"]) if "label" in df.columns else []
+        if rows and name.startswith("test") and len(rows) == len(df):
+            df = df.drop(columns="label")
+        elif rows and cfg.drop_unlabeled:
+            df = df.drop(index=df.index[rows]).reset_index(drop=True)
+            dropped[name] = len(rows)
+        elif rows:
+            column = cfg.label_column or "label"
+            raise DataError(f"{name} split ({sources.get(name, name)}): {len(rows)} of {len(df)} row(s) have no label "
+                            f"in column '{column}' ({describe_rows(rows)}, counting data rows from 1); fill them "
+                            f"in, or pass --drop-unlabeled to leave them out")
+        out[name] = df
+    return out, dropped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,9 +313,11 @@ def tokenize_splits(raw: RawData, tokenizer, cfg: DataConfig) -> dict[str, Any]:
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     out = {}
     for name, df in raw.splits.items():
+        # Row hashes in order (a sum would let a reordered file reuse the old order), every column, the tokenizer.
+        rows = hashlib.sha256(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes()).hexdigest()
         key = hashlib.sha256(json.dumps([
-            pd.util.hash_pandas_object(df, index=False).sum().item(), len(df), list(df.columns),
-            tokenizer_fingerprint(tokenizer), cfg.max_length, 2,  # bump the last number when the layout changes
+            rows, len(df), list(df.columns), [str(t) for t in df.dtypes],
+            tokenizer_fingerprint(tokenizer), cfg.max_length, 3,  # bump the last number when the layout changes
         ]).encode()).hexdigest()[:20]
         path = cache_root / "tokenized" / key
         if (path / "dataset_info.json").exists():

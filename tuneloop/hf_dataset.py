@@ -98,6 +98,9 @@ def load_hf_dataset(cfg: DataConfig, task: Task | None, need_train: bool = True
         raise DataError(f"dataset '{where}': cannot tell which column holds the text (columns: "
                         f"{', '.join(train_columns)}); pass --text-columns COL or --text-columns COL1,COL2")
     label_column = cfg.label_column or "label"
+    if label_column in text_columns:
+        raise DataError(f"dataset '{where}': column '{label_column}' is both a text column and the label column, so "
+                        f"the model would read the answer; choose other --text-columns or --label-column")
     out, sources, class_names = {}, {}, None
     for ours, theirs in splits.items():
         split = ds[theirs]

@@ -210,7 +210,8 @@ def write_json(path: Path, data: Any) -> None:
 def describe_run(run: Run) -> str:
     cfg, acc = run.config, run.accelerator
     global_batch = cfg.train.batch_size * acc.num_processes * cfg.train.gradient_accumulation_steps
-    sizes = ", ".join(f"{s}={len(df)}" for s, df in run.raw.splits.items())
+    sizes = ", ".join(f"{s}={len(df)}" + (f" ({run.raw.dropped[s]} unlabeled rows dropped)" if run.raw.dropped.get(s)
+                                          else "") for s, df in run.raw.splits.items())
     return (f"tuneloop: {sizes} | {acc.num_processes} process(es) on {acc.device}, precision {acc.mixed_precision} | "
             f"global batch {global_batch} = {cfg.train.batch_size} per device x {acc.num_processes} x "
             f"{cfg.train.gradient_accumulation_steps} accumulation | {run.num_training_steps} optimizer steps | "
