@@ -372,3 +372,39 @@ def test_dataset_split_choice():
                                         r"--train-split\)$"):
         pick_splits(cfg, ["test"])
     assert pick_splits(cfg, ["test"], need_train=False) == {"test": "test"}  # tuneloop eval / data
+
+
+def test_tokenisation_cache_key_depends_on_row_order(tiny_model_dir, tmp_path):
+    # Before: the key summed row hashes, so a reordered validation file reused the old order's tokens.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [("a short one", "neg"), ("a somewhat longer sentence here", "pos"), ("mid length text", "neg")]
+    cfg = DataConfig(task=None, cache_dir=str(tmp_path / "cache"), max_length=32,
+                     train_file=str(tmp_path / "t.csv"), validation_file=str(tmp_path / "v.csv"))
+    for name, order in (("first", rows), ("reversed", rows[::-1])):
+        text = "text,label\n" + "".join(f"{t},{y}\n" for t, y in order)
+        (tmp_path / "t.csv").write_text(text)
+        (tmp_path / "v.csv").write_text(text)
+        raw = load_raw(cfg)
+        got = tokenize_splits(raw, tok, cfg)["validation"]
+        assert [tok.decode(ids, skip_special_tokens=True) for ids in got["input_ids"]] == [t for t, _ in order]
+        assert got["labels"] == [1 if y == "pos" else 0 for _, y in order]
+
+
+def test_own_files_train_without_task_flag(tmp_path, tiny_model_dir, capsys):
+    """The issue's command: pos/neg labels, --train-file without --task (before: 'label 'pos' is not in the
+    label set ['not_equivalent', 'equivalent']')."""
+    from tuneloop.cli import main
+
+    rows = "".join(f"review number {i} was {'great' if i % 2 else 'awful'},{'pos' if i % 2 else 'neg'}\n"
+                   for i in range(12))
+    (tmp_path / "reviews.csv").write_text("text,label\n" + rows)
+    (tmp_path / "dev.csv").write_text("text,label\n" + rows)
+    code = main(["train", "--model", str(tiny_model_dir), "--train-file", str(tmp_path / "reviews.csv"),
+                 "--validation-file", str(tmp_path / "dev.csv"), "--text-columns", "text", "--label-column", "label",
+                 "--epochs", "1", "--output-dir", str(tmp_path / "out"), "--mixed-precision", "no",
+                 "--report-to", "none"])
+    assert code == 0, capsys.readouterr().err
+    saved = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
+    assert saved["id2label"] == {"0": "neg", "1": "pos"}

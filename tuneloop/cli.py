@@ -231,7 +231,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     from tuneloop.model import build_tokenizer
     from tuneloop.preview import summarize
 
-    config = parse_config(args)
+    from tuneloop.recipe import fit_to_model
+
+    config = fit_to_model(parse_config(args))
     PartialState()
     tokenizer = build_tokenizer(config.model.name_or_path)
     raw = load_raw(config.data, need_train=False)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from tuneloop.data import read_table
 from tuneloop.errors import DataError
-from tuneloop.model import build_tokenizer, resolve_model_path
+from tuneloop.model import build_tokenizer, position_limit, resolve_model_path
 
 PROGRESS_MIN_ROWS = 1000  # below this a run takes seconds and a bar is noise
 
@@ -68,7 +68,8 @@ def predict_with(model, tokenizer, df: pd.DataFrame, batch_size: int = 32, max_l
     regression = model.config.problem_type == "regression"
     texts = df["text"].astype(str).tolist()
     pairs = df["text_pair"].astype(str).tolist() if "text_pair" in df.columns else None
-    encoded = tokenizer(texts, pairs, truncation=True, max_length=min(max_length, tokenizer.model_max_length))
+    limits = [max_length, tokenizer.model_max_length, position_limit(model.config) or max_length]
+    encoded = tokenizer(texts, pairs, truncation=True, max_length=min(limits))
     order = sorted(range(len(texts)), key=lambda i: -len(encoded["input_ids"][i]))
     results: list[dict | None] = [None] * len(texts)
     progress = tqdm(total=len(texts), desc="predict", unit="row", disable=len(texts) < PROGRESS_MIN_ROWS,

@@ -28,7 +28,7 @@ from tuneloop.evaluate import evaluate
 from tuneloop.errors import DataError, TuneloopError
 from tuneloop.launch import accelerator_kwargs, check_processes, is_main_process
 from tuneloop.loop import Run, TrainingState, run_evaluation, train_loop
-from tuneloop.model import (build_model, build_tokenizer, resolve_attention, resolve_model_path, saved_label_names,
+from tuneloop.model import (build_model, build_tokenizer, capped_max_length, resolve_attention, resolve_model_path, saved_label_names,
                             enable_gradient_checkpointing, use_fast_dropout)
 from tuneloop.optim import build_optimizer, build_scheduler, num_training_steps
 from tuneloop.precision import accelerate_precision, apply_tf32, check_device_precision, reconcile_mixed_precision
@@ -74,6 +74,16 @@ def check_output_dir(config: Config) -> Path:
         raise TuneloopError(f"output folder {out} already holds a run ({', '.join(existing)}); "
                             f"pass --overwrite or choose another --output-dir")
     return out
+
+
+def fit_to_model(config: Config) -> Config:
+    """A copy whose max_length fits the model's positions (with one warning when it had to be capped)."""
+    length = capped_max_length(config.data.max_length, config.model.name_or_path)
+    if length == config.data.max_length:
+        return config
+    capped = dataclasses.replace(config, data=dataclasses.replace(config.data, max_length=length))
+    capped.given = config.given
+    return capped
 
 
 def ensure_writable(out: Path) -> None:
@@ -226,6 +236,7 @@ def train(config: Config, hooks: list | None = None) -> dict[str, float]:
     out = check_output_dir(config)
     accelerator = make_accelerator(config)
     config = resolve_for_device(config, accelerator.device.type)  # what config.yaml and checkpoints record
+    config = fit_to_model(config)
     if accelerator.is_main_process:
         ensure_writable(out)
     metrics_log = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process, sinks=hooks)
@@ -291,6 +302,7 @@ def end_training(run: Run) -> None:
 def evaluate_model(config: Config) -> dict[str, dict[str, float]]:
     """Re-evaluate a saved model on the configured data's labelled evaluation splits."""
     accelerator = make_accelerator(config)
+    config = fit_to_model(config)
     model_dir = resolve_model_path(config.model.name_or_path)
     tokenizer = build_tokenizer(model_dir)
     label_names = saved_label_names(model_dir)
