@@ -105,3 +105,13 @@ def load_weights(path) -> dict:
         head, _, last = key.rpartition(".")
         out[f"{head}.{legacy[last]}" if "LayerNorm" in head and last in legacy else key] = value
     return out
+
+
+@pytest.fixture
+def tuneloop_log(caplog, monkeypatch):
+    """caplog for tuneloop's warnings, which `cli.main` keeps from propagating to the root logger."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("tuneloop"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="tuneloop")
+    return caplog

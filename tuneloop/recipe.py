@@ -135,6 +135,9 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
             raise DataError(f"{split} split has no labels")
     # A compiled model recompiles per new input shape (and records a CUDA graph per shape): padding bounds that.
     padding = compile_padding(config.train.compile, config.data.pad_to_multiple_of)
+    if padding != config.data.pad_to_multiple_of and "data.pad_to_multiple_of" in config.given:
+        log.warning("data.pad_to_multiple_of %s: train.compile %s pads to a multiple of %s (fewer shapes to compile)",
+                    config.data.pad_to_multiple_of, config.train.compile, padding)
     collator = Collator(tokenizer, dataclasses.replace(config.data, pad_to_multiple_of=padding))
     # The classifier head is initialised from the seed set above, so runs are reproducible.
     model = build_model(config.model.name_or_path, raw.label_names,

@@ -102,6 +102,31 @@ def load_space(path: str | None) -> dict[str, dict[str, Any]]:
     return parse_space(raw, f"search space {p}")
 
 
+def respect_given(space: dict[str, dict[str, Any]], base: Config, space_file: str | None) -> dict[str, Any]:
+    """Settings the user gave that the search would replace: each kept (the built-in space) or, when their own
+    search space names it, searched, with one line either way; the trial-fixed ones are refused."""
+    for path, why in (("checkpoint.resume", "a search continues with the same command; its trials never resume"),
+                      ("output.push_to_hub", "push the best trial afterwards: tuneloop train --config "
+                                             "OUT/best_config.yaml --push-to-hub REPO")):
+        if path in base.given:
+            raise ConfigError(f"{path}: does not apply to tuneloop search ({why})")
+    kept = dict(space)
+    for path in sorted(base.given & set(space)):
+        section, name = path.split(".")
+        value = getattr(getattr(base, section), name)
+        if space_file is None:
+            del kept[path]
+            log.warning("search: %s stays at %r as you set it, so the built-in search space does not sample it",
+                        path, value)
+        else:
+            log.warning("search: %s is sampled from the search space %s, so your setting %r applies to no trial",
+                        path, space_file, value)
+    if not kept:
+        raise ConfigError("every parameter of the built-in search space is set on the command line: nothing to "
+                          "search (give --search-space FILE)")
+    return kept
+
+
 def suggest(trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     params = {}
     for path, spec in space.items():
@@ -196,7 +221,7 @@ def search(base: Config, space_file: str | None = None, storage: str | None = No
     optuna = _optuna()
     from tuneloop.data import load_raw
 
-    space = load_space(space_file)
+    space = respect_given(load_space(space_file), base, space_file)
     if n_trials < 1:
         raise ConfigError(f"--n-trials: must be at least 1, got {n_trials}")
     if timeout is not None and timeout <= 0:
