@@ -122,6 +122,15 @@ def load_data(config: Config, tokenizer, accelerator, label_names=None, need_tra
     return raw, tokenized
 
 
+def training_padding(config: Config) -> int | None:
+    """A compiled model recompiles per new input shape (and records a CUDA graph per shape): padding bounds that."""
+    padding = compile_padding(config.train.compile, config.data.pad_to_multiple_of)
+    if padding != config.data.pad_to_multiple_of and "data.pad_to_multiple_of" in config.given:
+        log.warning("data.pad_to_multiple_of %s: train.compile %s pads to a multiple of %s (fewer shapes to compile)",
+                    config.data.pad_to_multiple_of, config.train.compile, padding)
+    return padding
+
+
 def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     """Data, model, optimizer and schedule, prepared by Accelerate: everything `train_loop` needs."""
     from accelerate.data_loader import prepare_data_loader
@@ -133,12 +142,7 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     for split in ["train", *raw.eval_splits]:
         if "labels" not in tokenized[split].column_names:
             raise DataError(f"{split} split has no labels")
-    # A compiled model recompiles per new input shape (and records a CUDA graph per shape): padding bounds that.
-    padding = compile_padding(config.train.compile, config.data.pad_to_multiple_of)
-    if padding != config.data.pad_to_multiple_of and "data.pad_to_multiple_of" in config.given:
-        log.warning("data.pad_to_multiple_of %s: train.compile %s pads to a multiple of %s (fewer shapes to compile)",
-                    config.data.pad_to_multiple_of, config.train.compile, padding)
-    collator = Collator(tokenizer, dataclasses.replace(config.data, pad_to_multiple_of=padding))
+    collator = Collator(tokenizer, dataclasses.replace(config.data, pad_to_multiple_of=training_padding(config)))
     # The classifier head is initialised from the seed set above, so runs are reproducible.
     model = build_model(config.model.name_or_path, raw.label_names,
                         resolve_attention(config.model.attn_implementation, accelerator.device.type),
