@@ -124,3 +124,10 @@ def test_help_names_value_types_plainly(capsys):
     text = capsys.readouterr().out
     assert "--max-length INT" in text and "--learning-rate FLOAT" in text and "--max-train-samples INT | NONE" in text
     assert "<CLASS" not in text.upper()
+
+
+def test_control_characters_in_flags_stay_on_the_error_line(capsys):
+    """Found by tests/test_fuzz.py: a value with \\x1e (a line break to str.splitlines) split the error line."""
+    assert main(["train", "--name", "\x1e", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("tuneloop: error: ") and "\\x1e" in err

@@ -175,3 +175,11 @@ def test_given_records_what_the_user_set_not_the_recipe(tmp_path):
     (tmp_path / "mine.yaml").write_text("train:\n  epochs: 1\n")
     assert load_config(tmp_path / "mine.yaml", {"seed": "3"}).given == {"train.epochs", "train.seed"}
     assert c.replace(epochs=1).given == {"optim.learning_rate", "train.epochs"}
+
+
+def test_yaml_with_a_control_character_is_one_line(tmp_path):
+    """Found by tests/test_fuzz.py: PyYAML's reader error spans two lines."""
+    (tmp_path / "c.yaml").write_bytes(b"\x1f")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "c.yaml")
+    assert "\n" not in str(e.value) and "not valid YAML: special characters are not allowed" in str(e.value)

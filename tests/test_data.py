@@ -408,3 +408,32 @@ def test_own_files_train_without_task_flag(tmp_path, tiny_model_dir, capsys):
     assert code == 0, capsys.readouterr().err
     saved = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
     assert saved["id2label"] == {"0": "neg", "1": "pos"}
+
+
+@pytest.mark.parametrize("pair, max_length, special", [(False, 2, 2), (True, 3, 3)])
+def test_max_length_with_no_room_for_text_is_one_line(tiny_model_dir, tmp_path, pair, max_length, special):
+    """Found by tests/test_fuzz.py: max_length 1 returned inputs longer than max_length (the special tokens)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    (tmp_path / "t.csv").write_text("text,text_pair,label\na b,c d,x\ne f,g h,y\n")
+    cfg = DataConfig(task=None, train_file=str(tmp_path / "t.csv"), text_columns=["text", "text_pair"][:1 + pair],
+                     max_length=max_length, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=f"data.max_length {max_length} leaves no room for text: the tokenizer adds "
+                                        f"{special} special tokens"):
+        tokenize_splits(load_raw(cfg), tok, cfg)
+    ok = DataConfig(**{**cfg.__dict__, "max_length": special + 1})
+    assert max(tokenize_splits(load_raw(ok), tok, ok)["train"]["length"]) == special + 1
+
+
+def test_null_text_in_json_lines_is_empty_text(tmp_path, tiny_model_dir):
+    """Found by tests/test_fuzz.py: a JSON null (or a row without the key) reached the tokenizer as NaN."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"text": "fine", "label": "a"}\n{"text": null, "label": "b"}\n{"label": "a"}\n')
+    cfg = DataConfig(task=None, train_file=str(path), cache_dir=str(tmp_path / "cache"))
+    raw = load_raw(cfg)
+    assert raw.splits["train"]["text"].tolist() == ["fine", "", ""]
+    tokenized = tokenize_splits(raw, AutoTokenizer.from_pretrained(tiny_model_dir), cfg)
+    assert tokenized["train"]["length"] == [3, 2, 2]

@@ -15,7 +15,7 @@ from typing import Any
 from tuneloop import launch
 from tuneloop.config import (SECTIONS, Config, ConfigError, _suggest, field_paths, load_config, recipe_names,
                              short_names)
-from tuneloop.errors import TuneloopError
+from tuneloop.errors import TuneloopError, one_line
 
 # Options that belong to the command, not to the config.
 COMMAND_OPTIONS = {"config", "print_config", "debug"}
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         launch.record_error(str(e))
-        print(f"tuneloop: error: {launch.error_prefix()}{e}", file=sys.stderr)
+        print(f"tuneloop: error: {launch.error_prefix()}{one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("tuneloop: interrupted", file=sys.stderr)
@@ -332,5 +332,6 @@ def main(argv: list[str] | None = None) -> int:
         first = str(e).splitlines()[0] if str(e) else ""
         message = f"{type(e).__name__}: {first}"
         launch.record_error(message)
-        print(f"tuneloop: error: {launch.error_prefix()}{message} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"tuneloop: error: {launch.error_prefix()}{one_line(message)} (run with --debug for the traceback)",
+              file=sys.stderr)
         return 1

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from tuneloop.errors import ConfigError
+from tuneloop.errors import ConfigError, one_line
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -393,7 +393,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"config file {p} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e)
+        raise ConfigError(f"config file {p} is not valid YAML{where}: {one_line(str(problem))}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {p} is not UTF-8 text") from None
     if raw is None:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from tuneloop.config import DataConfig
+from tuneloop.cells import text_column
 from tuneloop.errors import DataError
 from tuneloop.hf_dataset import load_dataset_dict, load_hf_dataset
 from tuneloop.labels import describe_rows, encode_labels, infer_label_names, unlabeled_rows
@@ -115,9 +117,9 @@ def read_glue_tsv(path: Path, layout: TsvLayout) -> pd.DataFrame:
     missing = [c for c in cols if (c not in df.columns if layout.header else not 0 <= int(c) < df.shape[1])]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
-    out = pd.DataFrame({"text": df[layout.text[0]].astype(str)})
+    out = pd.DataFrame({"text": text_column(df, layout.text[0], str(path))})
     if len(layout.text) == 2:
-        out["text_pair"] = df[layout.text[1]].astype(str)
+        out["text_pair"] = text_column(df, layout.text[1], str(path))
     if layout.label is not None:
         out["label"] = df[layout.label]
         before = len(out)
@@ -139,9 +141,9 @@ def load_hub_glue(task: Task) -> dict[str, pd.DataFrame]:
         if theirs not in ds:
             continue
         frame = ds[theirs].to_pandas()
-        df = pd.DataFrame({"text": frame[task.hub_text_columns[0]].astype(str)})
+        df = pd.DataFrame({"text": text_column(frame, task.hub_text_columns[0], HUB_DATASET)})
         if len(task.hub_text_columns) == 2:
-            df["text_pair"] = frame[task.hub_text_columns[1]].astype(str)
+            df["text_pair"] = text_column(frame, task.hub_text_columns[1], HUB_DATASET)
         # The Hub marks unlabeled test rows with label -1.
         if "label" in frame and not (frame["label"] == -1).all():
             df["label"] = frame["label"]
@@ -189,9 +191,9 @@ def load_user_files(cfg: DataConfig, task: Task | None) -> tuple[dict[str, pd.Da
         if label_column in cols:
             raise DataError(f"{split} file {path}: column '{label_column}' is both a text column and the label "
                             f"column, so the model would read the answer; choose other --text-columns or --label-column")
-        norm = pd.DataFrame({"text": df[cols[0]].astype(str)})
+        norm = pd.DataFrame({"text": text_column(df, cols[0], f"{split} file {path}")})
         if len(cols) == 2:
-            norm["text_pair"] = df[cols[1]].astype(str)
+            norm["text_pair"] = text_column(df, cols[1], f"{split} file {path}")
         if label_column and label_column in df.columns:
             norm["label"] = df[label_column]
         elif split != "test":
@@ -293,7 +295,27 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TUNELOOP_CACHE") or Path.home() / ".cache" / "tuneloop")
 
 
+# Serialising a tokenizer takes ~0.5 s (a 30k vocabulary): once per tokenizer object and vocabulary size.
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
+    size = len(tokenizer)
+    try:
+        known = _FINGERPRINTS.get(tokenizer)
+    except TypeError:  # an object that cannot be weakly referenced
+        known = None
+    if known is not None and known[0] == size:
+        return known[1]
+    fingerprint = compute_tokenizer_fingerprint(tokenizer)
+    try:
+        _FINGERPRINTS[tokenizer] = (size, fingerprint)
+    except TypeError:
+        pass
+    return fingerprint
+
+
+def compute_tokenizer_fingerprint(tokenizer) -> str:
     h = hashlib.sha256()
     h.update(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -306,10 +328,19 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
+def check_room_for_text(tokenizer, max_length: int, pair: bool) -> None:
+    """A max_length that holds only the special tokens cannot be truncated to: the tokenizer returns longer inputs."""
+    special = tokenizer.num_special_tokens_to_add(pair=pair)
+    if max_length <= special:
+        raise DataError(f"data.max_length {max_length} leaves no room for text: the tokenizer adds {special} special "
+                        f"tokens to each {'pair' if pair else 'input'}; give at least {special + 1}")
+
+
 def tokenize_splits(raw: RawData, tokenizer, cfg: DataConfig) -> dict[str, Any]:
     """Tokenise every split with truncation (no padding: batches pad dynamically), cached on disk."""
     import datasets
 
+    check_room_for_text(tokenizer, cfg.max_length, raw.is_pair)
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     out = {}
     for name, df in raw.splits.items():

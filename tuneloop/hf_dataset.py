@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from tuneloop.config import DataConfig
+from tuneloop.cells import text_column
 from tuneloop.errors import DataError
 from tuneloop.tasks import Task
 
@@ -112,9 +113,9 @@ def load_hf_dataset(cfg: DataConfig, task: Task | None, need_train: bool = True
                             f"(data.text_columns); its columns: {', '.join(split.column_names)}{hint}")
         frame = split.select_columns([*text_columns, *([label_column] if label_column in split.column_names else [])]
                                      ).to_pandas()
-        df = pd.DataFrame({"text": frame[text_columns[0]].astype(str)})
+        df = pd.DataFrame({"text": text_column(frame, text_columns[0], f"dataset {where!r}")})
         if len(text_columns) == 2:
-            df["text_pair"] = frame[text_columns[1]].astype(str)
+            df["text_pair"] = text_column(frame, text_columns[1], f"dataset {where!r}")
         labelled = label_column in frame and not (frame[label_column] == -1).all()  # the Hub marks unlabeled -1
         if labelled:
             feature: Any = split.features[label_column]

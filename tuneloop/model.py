@@ -75,9 +75,9 @@ def capped_max_length(max_length: int, name_or_path: str | None) -> int:
         return max_length
     if limit is None or max_length <= limit:
         return max_length
-    logging.getLogger(__name__).warning("data.max_length %d is above the %d positions of model %s: inputs are "
-                                        "truncated at %d instead", max_length, limit, name_or_path or "(default)",
-                                        limit)
+    model = f"model {name_or_path}" if name_or_path else "the default model"
+    logging.getLogger(__name__).warning("data.max_length %d is above the %d positions of %s: inputs are truncated "
+                                        "at %d instead", max_length, limit, model, limit)
     return limit
 
 

@@ -17,7 +17,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from tuneloop.data import read_table
+from tuneloop.data import check_room_for_text, read_table
+from tuneloop.cells import text_column
 from tuneloop.errors import DataError
 from tuneloop.model import build_tokenizer, position_limit, resolve_model_path
 
@@ -66,9 +67,10 @@ def predict_rows(model_dir: str, df: pd.DataFrame, batch_size: int = 32, max_len
 def predict_with(model, tokenizer, df: pd.DataFrame, batch_size: int = 32, max_length: int = 512) -> list[dict]:
     id2label = model.config.id2label
     regression = model.config.problem_type == "regression"
-    texts = df["text"].astype(str).tolist()
-    pairs = df["text_pair"].astype(str).tolist() if "text_pair" in df.columns else None
+    texts = text_column(df, "text", "input").tolist()
+    pairs = text_column(df, "text_pair", "input").tolist() if "text_pair" in df.columns else None
     limits = [max_length, tokenizer.model_max_length, position_limit(model.config) or max_length]
+    check_room_for_text(tokenizer, min(limits), pairs is not None)
     encoded = tokenizer(texts, pairs, truncation=True, max_length=min(limits))
     order = sorted(range(len(texts)), key=lambda i: -len(encoded["input_ids"][i]))
     results: list[dict | None] = [None] * len(texts)
