@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import fuzz_examples
@@ -160,11 +160,14 @@ def test_fuzz_data_files_load_tokenise_and_preview(data, tiny_tokenizer):
         cfg = data.draw(data_configs(Path(tmp)))
         raw = one_line_or_success(lambda: load_raw(cfg))
         if raw is None:
+            event("refused while loading")
             return
         check_loaded(raw)
         tokenized = one_line_or_success(lambda: tokenize_splits(raw, tiny_tokenizer, cfg))
         if tokenized is None:
+            event("refused while tokenising")
             return
+        event("loaded, tokenised and previewed: " + ("regression" if raw.is_regression else "classification"))
         assert all(max(ds["length"], default=0) <= cfg.max_length for ds in tokenized.values())
         config = Config()
         config.data = cfg
