@@ -183,3 +183,20 @@ def test_yaml_with_a_control_character_is_one_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(tmp_path / "c.yaml")
     assert "\n" not in str(e.value) and "not valid YAML: special characters are not allowed" in str(e.value)
+
+
+@pytest.mark.parametrize("path", sorted(__import__("tuneloop.config", fromlist=["field_paths"]).field_paths()))
+@pytest.mark.parametrize("value", [True, False, None])
+def test_every_field_reads_yaml_booleans_and_nulls_as_such(path, value):
+    """For each field: a YAML true/false/null is kept as the boolean or null (or its flag's meaning), or refused;
+    it never becomes the text 'True', 'False' or 'None'."""
+    section, name = path.split(".")
+    try:
+        config = config_from_dict({section: {name: value}})
+    except ConfigError:
+        return
+    got = getattr(getattr(config, section), name)
+    assert got not in ("True", "False", "None", "true", "false", "null")
+    assert got == value or (path == "checkpoint.resume" and got == "latest" and value is True) \
+        or (path == "checkpoint.resume" and got is None and value is False) \
+        or (path == "data.task" and value is None and got is None)

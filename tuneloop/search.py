@@ -149,7 +149,9 @@ def config_with(base: Config, params: dict[str, Any], output_dir: str | Path) ->
         raw[section][name] = value
     raw["output"].update(output_dir=str(output_dir), overwrite=True, push_to_hub=None)
     raw["checkpoint"]["resume"] = None
-    return config_from_dict(raw)
+    config = config_from_dict(raw)
+    config.given = base.given | set(params)  # what the user set, plus this trial's values (not every default)
+    return config
 
 
 def pruning_hook(trial, main_metric: str):
