@@ -104,7 +104,7 @@ def test_user_pairs_and_regression_inferred(tmp_path):
     (lambda p: None, "train file not found"),
     (lambda p: p.write_text("q,other\nx,1\n"), "missing label column 'sentiment'"),
     (lambda p: p.write_text("text,sentiment\n"), "train split is empty"),
-    (lambda p: p.write_bytes(b"\xff\xfe\x00bad,\x00"), "cannot read train file"),
+    (lambda p: p.write_bytes(b"text,label\n\xe9t\xe9,1\n"), "cannot read train file .* not UTF-8 text"),  # Latin-1
 ])
 def test_bad_user_files(tmp_path, make, message):
     path = tmp_path / "train.csv"
@@ -437,3 +437,26 @@ def test_null_text_in_json_lines_is_empty_text(tmp_path, tiny_model_dir):
     assert raw.splits["train"]["text"].tolist() == ["fine", "", ""]
     tokenized = tokenize_splits(raw, AutoTokenizer.from_pretrained(tiny_model_dir), cfg)
     assert tokenized["train"]["length"] == [3, 2, 2]
+
+
+@pytest.mark.parametrize("suffix, encoding", [(".tsv", "utf-16"), (".csv", "utf-8-sig"), (".jsonl", "utf-8-sig"),
+                                              (".json", "utf-16")])
+def test_byte_order_marks_and_utf16_are_read(tmp_path, suffix, encoding):
+    """Found by tests/test_fuzz.py: a UTF-16 file (Excel's "Unicode text" export) and a JSON file with a UTF-8 BOM
+    could not be read."""
+    rows = [{"text": "café", "label": "pos"}, {"text": "naïve", "label": "neg"}]
+    df = pd.DataFrame(rows)
+    text = {".tsv": lambda: df.to_csv(sep="\t", index=False), ".csv": lambda: df.to_csv(index=False),
+            ".jsonl": lambda: df.to_json(orient="records", lines=True, force_ascii=False),
+            ".json": lambda: "\n " + df.to_json(orient="records", force_ascii=False)}[suffix]()
+    path = tmp_path / f"train{suffix}"
+    path.write_bytes(text.encode(encoding))
+    raw = load_raw(DataConfig(task=None, train_file=str(path)))
+    assert raw.splits["train"]["text"].tolist() == ["café", "naïve"] and raw.label_names == ["neg", "pos"]
+
+
+def test_other_encodings_name_the_fix(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_bytes("text,label\ncafé,pos\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"is not UTF-8 text \(invalid continuation byte at byte 14\); save it as UTF-8"):
+        load_raw(DataConfig(task=None, train_file=str(path)))

@@ -61,15 +61,29 @@ CELLS = st.one_of(
 )
 
 
+LABEL_CELLS = {"classes": st.sampled_from(["pos", "neg", " pos", "neg ", "pos"]), "few": st.integers(0, 2),
+               "floats": st.floats(0, 5, width=32), "bools": st.booleans(), "mixed": CELLS,
+               "gappy": st.one_of(st.sampled_from(["pos", "neg"]), st.sampled_from(["", " ", "NaN"]), st.none())}
+
+
 @st.composite
 def tables(draw) -> pd.DataFrame:
+    """Half shaped like a real file (text and label columns, labels of one kind), half anything at all."""
+    shaped = draw(st.booleans())
     names = draw(st.lists(COLUMN_NAMES, min_size=1, max_size=4, unique=True))
-    rows = draw(st.integers(0, 6))
+    if shaped:
+        names = ["text", "label", *(n for n in names[:2] if n not in ("text", "label"))]
+    rows = draw(st.integers(1, 8) if shaped else st.integers(0, 6))
     columns = {}
     for name in names:
-        kind = draw(st.sampled_from(["mixed", "str", "int", "float", "bool"]))
-        cell = {"mixed": CELLS, "str": st.text(max_size=10), "int": st.integers(-2, 5),
-                "float": st.floats(allow_nan=True, allow_infinity=True, width=32), "bool": st.booleans()}[kind]
+        if shaped and name == "label":
+            cell = LABEL_CELLS[draw(st.sampled_from(sorted(LABEL_CELLS)))]
+        elif shaped and name == "text":
+            cell = st.one_of(st.text(max_size=30), st.sampled_from(["", HUGE, "a\tb", 'say "hi"', "line\nbreak"]))
+        else:
+            kind = draw(st.sampled_from(["mixed", "str", "int", "float", "bool"]))
+            cell = {"mixed": CELLS, "str": st.text(max_size=10), "int": st.integers(-2, 5),
+                    "float": st.floats(allow_nan=True, allow_infinity=True, width=32), "bool": st.booleans()}[kind]
         columns[name] = draw(st.lists(cell, min_size=rows, max_size=rows))
     return pd.DataFrame(columns)
 
@@ -118,8 +132,9 @@ def data_files(draw, folder: Path, stem: str) -> Path:
 def data_configs(draw, folder: Path) -> DataConfig:
     train = draw(data_files(folder, "train"))
     validation = draw(st.one_of(st.none(), st.just(train), data_files(folder, "dev")))
-    text_columns = draw(st.one_of(st.none(), st.lists(COLUMN_NAMES, min_size=1, max_size=2, unique=True)))
-    label_column = draw(st.one_of(st.none(), COLUMN_NAMES))
+    explicit = draw(st.integers(0, 3)) == 0  # mostly the defaults: the columns are found by name
+    text_columns = draw(st.lists(COLUMN_NAMES, min_size=1, max_size=2, unique=True)) if explicit else None
+    label_column = draw(COLUMN_NAMES) if explicit and draw(st.booleans()) else None
     if text_columns and label_column in text_columns:  # refused by the config itself (tested in test_labels)
         label_column = None
     return DataConfig(task=None, train_file=str(train), validation_file=str(validation) if validation else None,

@@ -84,26 +84,37 @@ def read_table(path: str | Path, what: str = "data file") -> pd.DataFrame:
     suffix = p.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
         raise DataError(f"{what} {p}: unsupported format '{suffix}' (use {', '.join(TABLE_SUFFIXES)})")
+    encoding = text_encoding(p) if suffix != ".parquet" else None
     try:
         if suffix == ".csv":
-            df = pd.read_csv(p, encoding="utf-8-sig", keep_default_na=False, dtype=str)
+            df = pd.read_csv(p, encoding=encoding, keep_default_na=False, dtype=str)
         elif suffix == ".tsv":
             # GLUE-style TSVs carry bare quote characters inside sentences: never treat them as quoting.
-            df = pd.read_csv(p, sep="\t", quoting=csv.QUOTE_NONE, encoding="utf-8-sig",
+            df = pd.read_csv(p, sep="\t", quoting=csv.QUOTE_NONE, encoding=encoding,
                              keep_default_na=False, dtype=str)
         elif suffix in (".jsonl", ".json"):
-            with open(p, encoding="utf-8-sig") as fh:
-                head = fh.read(1).strip()
-            df = pd.read_json(p, lines=head != "[", encoding="utf-8")
+            with open(p, encoding=encoding) as fh:
+                head = fh.read(256).lstrip()[:1]
+            df = pd.read_json(p, lines=head != "[", encoding=encoding)
         else:
             df = pd.read_parquet(p)
     except DataError:
         raise
-    except (UnicodeDecodeError, ValueError, OSError, pd.errors.ParserError) as e:
+    except UnicodeDecodeError as e:
+        raise DataError(f"cannot read {what} {p}: it is not UTF-8 text ({e.reason} at byte {e.start}); "
+                        f"save it as UTF-8 (or UTF-16 with a byte order mark)") from None
+    except (ValueError, OSError, pd.errors.ParserError) as e:
         raise DataError(f"cannot read {what} {p}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     except Exception as e:  # pyarrow and friends raise their own types
         raise DataError(f"cannot read {what} {p}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     return df
+
+
+def text_encoding(path: Path) -> str:
+    """UTF-16 when the file starts with its byte order mark (Excel's "Unicode text"), else UTF-8, BOM or not."""
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    return "utf-16" if head in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
 
 
 def read_glue_tsv(path: Path, layout: TsvLayout) -> pd.DataFrame:
@@ -189,7 +200,7 @@ def load_user_files(cfg: DataConfig, task: Task | None) -> tuple[dict[str, pd.Da
             raise DataError(f"{split} file {path}: missing text column(s) {missing}; found {list(df.columns)}")
         label_column = cfg.label_column or ("label" if "label" in df.columns else None)
         if label_column in cols:
-            raise DataError(f"{split} file {path}: column '{label_column}' is both a text column and the label "
+            raise DataError(f"{split} file {path}: column {label_column!r} is both a text column and the label "
                             f"column, so the model would read the answer; choose other --text-columns or --label-column")
         norm = pd.DataFrame({"text": text_column(df, cols[0], f"{split} file {path}")})
         if len(cols) == 2:
@@ -197,7 +208,7 @@ def load_user_files(cfg: DataConfig, task: Task | None) -> tuple[dict[str, pd.Da
         if label_column and label_column in df.columns:
             norm["label"] = df[label_column]
         elif split != "test":
-            raise DataError(f"{split} file {path}: missing label column '{label_column or 'label'}'; "
+            raise DataError(f"{split} file {path}: missing label column {(label_column or 'label')!r}; "
                             f"found {list(df.columns)} (pass --label-column)")
         out[split] = norm
         sources[split] = str(path)
@@ -281,7 +292,7 @@ def handle_unlabeled(splits: dict[str, pd.DataFrame], sources: dict[str, str], c
         elif rows:
             column = cfg.label_column or "label"
             raise DataError(f"{name} split ({sources.get(name, name)}): {len(rows)} of {len(df)} row(s) have no label "
-                            f"in column '{column}' ({describe_rows(rows)}, counting data rows from 1); fill them "
+                            f"in column {column!r} ({describe_rows(rows)}, counting data rows from 1); fill them "
                             f"in, or pass --drop-unlabeled to leave them out")
         out[name] = df
     return out, dropped

@@ -100,7 +100,7 @@ def load_hf_dataset(cfg: DataConfig, task: Task | None, need_train: bool = True
                         f"{', '.join(train_columns)}); pass --text-columns COL or --text-columns COL1,COL2")
     label_column = cfg.label_column or "label"
     if label_column in text_columns:
-        raise DataError(f"dataset '{where}': column '{label_column}' is both a text column and the label column, so "
+        raise DataError(f"dataset '{where}': column {label_column!r} is both a text column and the label column, so "
                         f"the model would read the answer; choose other --text-columns or --label-column")
     out, sources, class_names = {}, {}, None
     for ours, theirs in splits.items():
@@ -126,7 +126,7 @@ def load_hf_dataset(cfg: DataConfig, task: Task | None, need_train: bool = True
             df["label"] = labels
         elif ours != "test":
             what = "only unlabeled rows (-1) in" if label_column in frame else "no"
-            raise DataError(f"dataset '{where}' split '{theirs}' has {what} label column '{label_column}' "
+            raise DataError(f"dataset '{where}' split '{theirs}' has {what} label column {label_column!r} "
                             f"(data.label_column); its columns: {', '.join(split.column_names)}")
         out[ours] = df
         sources[ours] = f"dataset {where}, split {theirs}"

@@ -105,11 +105,7 @@ def load_space(path: str | None) -> dict[str, dict[str, Any]]:
 def respect_given(space: dict[str, dict[str, Any]], base: Config, space_file: str | None) -> dict[str, Any]:
     """Settings the user gave that the search would replace: each kept (the built-in space) or, when their own
     search space names it, searched, with one line either way; the trial-fixed ones are refused."""
-    for path, why in (("checkpoint.resume", "a search continues with the same command; its trials never resume"),
-                      ("output.push_to_hub", "push the best trial afterwards: tuneloop train --config "
-                                             "OUT/best_config.yaml --push-to-hub REPO")):
-        if path in base.given:
-            raise ConfigError(f"{path}: does not apply to tuneloop search ({why})")
+    refuse_fixed_by_the_study(base)
     kept = dict(space)
     for path in sorted(base.given & set(space)):
         section, name = path.split(".")
@@ -125,6 +121,15 @@ def respect_given(space: dict[str, dict[str, Any]], base: Config, space_file: st
         raise ConfigError("every parameter of the built-in search space is set on the command line: nothing to "
                           "search (give --search-space FILE)")
     return kept
+
+
+def refuse_fixed_by_the_study(base: Config) -> None:
+    """--resume and --push-to-hub given to a search would apply to no trial: say why, before any work."""
+    for path, why in (("checkpoint.resume", "a search continues with the same command; its trials never resume"),
+                      ("output.push_to_hub", "push the best trial afterwards: tuneloop train --config "
+                                             "OUT/best_config.yaml --push-to-hub REPO")):
+        if path in base.given:
+            raise ConfigError(f"{path}: does not apply to tuneloop search ({why})")
 
 
 def suggest(trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -223,7 +228,8 @@ def search(base: Config, space_file: str | None = None, storage: str | None = No
     optuna = _optuna()
     from tuneloop.data import load_raw
 
-    space = respect_given(load_space(space_file), base, space_file)
+    space = load_space(space_file)
+    refuse_fixed_by_the_study(base)
     if n_trials < 1:
         raise ConfigError(f"--n-trials: must be at least 1, got {n_trials}")
     if timeout is not None and timeout <= 0:
@@ -233,6 +239,7 @@ def search(base: Config, space_file: str | None = None, storage: str | None = No
     url = storage or f"sqlite:///{out / 'study.db'}"
     main_metric = load_raw(base.data, need_train=False).main_metric
     rdb = open_storage(url)
+    space = respect_given(space, base, space_file)  # after the checks that fail, so a failing command says one line
     study = optuna.create_study(storage=rdb, study_name=study_name, direction="maximize", load_if_exists=True,
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=2) if pruner == "median"
                                 else optuna.pruners.NopPruner())
