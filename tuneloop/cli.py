@@ -15,7 +15,7 @@ from typing import Any
 from tuneloop import launch
 from tuneloop.config import (SECTIONS, Config, ConfigError, field_paths, load_config, recipe_names,
                              short_names)
-from tuneloop.errors import TuneloopError
+from tuneloop.errors import TuneloopError, one_line
 from tuneloop.naming import did_you_mean
 
 # Options that belong to the command, not to the config.
@@ -315,7 +315,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     from tuneloop.model import build_tokenizer
     from tuneloop.preview import summarize
 
-    config = parse_config(args)
+    from tuneloop.recipe import fit_to_model
+
+    config = fit_to_model(parse_config(args))
     PartialState()
     tokenizer = build_tokenizer(config.model.name_or_path)
     raw = load_raw(config.data, need_train=False)
@@ -411,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         launch.record_error(str(e))
-        print(f"tuneloop: error: {launch.error_prefix()}{e}", file=sys.stderr)
+        print(f"tuneloop: error: {launch.error_prefix()}{one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("tuneloop: interrupted", file=sys.stderr)
@@ -422,5 +424,6 @@ def main(argv: list[str] | None = None) -> int:
         first = str(e).splitlines()[0] if str(e) else ""
         message = f"{type(e).__name__}: {first}"
         launch.record_error(message)
-        print(f"tuneloop: error: {launch.error_prefix()}{message} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"tuneloop: error: {launch.error_prefix()}{one_line(message)} (run with --debug for the traceback)",
+              file=sys.stderr)
         return 1

@@ -17,9 +17,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from tuneloop.data import read_table
+from tuneloop.cells import text_column
+from tuneloop.data import check_room_for_text, read_table
 from tuneloop.errors import ConfigError, DataError
-from tuneloop.model import build_tokenizer, resolve_model_path
+from tuneloop.model import build_tokenizer, position_limit, resolve_model_path
 
 PROGRESS_MIN_ROWS = 1000  # below this a run takes seconds and a bar is noise
 
@@ -84,14 +85,15 @@ def predict_rows(model_dir: str, df: pd.DataFrame, batch_size: int = 32, max_len
     yield from predict_with(model, tokenizer, df, batch_size, max_length)
 
 
-def max_input_length(tokenizer, max_length: int = 512) -> int:
-    """Tokens an input is truncated to: `max_length`, or less where the tokenizer's model allows less."""
-    return min(max_length, tokenizer.model_max_length)
+def max_input_length(tokenizer, max_length: int = 512, model_config=None) -> int:
+    """Tokens an input is truncated to: `max_length`, or less where the tokenizer or the model's position
+    embeddings (`model_config`) allow less."""
+    return min(max_length, tokenizer.model_max_length, position_limit(model_config) or max_length)
 
 
 def predict_with(model, tokenizer, df: pd.DataFrame, batch_size: int = 32, max_length: int = 512) -> list[dict]:
-    texts = df["text"].astype(str).tolist()
-    pairs = df["text_pair"].astype(str).tolist() if "text_pair" in df.columns else None
+    texts = text_column(df, "text", "input").tolist()
+    pairs = text_column(df, "text_pair", "input").tolist() if "text_pair" in df.columns else None
     return predict_texts(model, tokenizer, texts, pairs, batch_size, max_length)
 
 
@@ -121,8 +123,9 @@ def predict_texts(model, tokenizer, texts: list[str], pairs: list[str] | None = 
     id2label = model.config.id2label
     regression = model.config.problem_type == "regression"
     long_text = getattr(model.config, "tuneloop_long_text", None) or {}
-    encoded, docs = encode(tokenizer, texts, pairs, long_text.get("long_text", "truncate"),
-                           max_input_length(tokenizer, long_text.get("max_length", max_length)),
+    limit = max_input_length(tokenizer, long_text.get("max_length", max_length), model.config)
+    check_room_for_text(tokenizer, limit, pairs is not None)
+    encoded, docs = encode(tokenizer, texts, pairs, long_text.get("long_text", "truncate"), limit,
                            long_text.get("stride", 0))
     order = sorted(range(len(encoded["input_ids"])), key=lambda i: -len(encoded["input_ids"][i]))
     logits = torch.zeros(len(order), model.config.num_labels)
