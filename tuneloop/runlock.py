@@ -80,7 +80,7 @@ class RunLock:
             raise TuneloopError(f"cannot write to {self.what} {self.folder}: {e.strerror or e}") from None
         stale = read_holder(self.folder)
         if stale is not None:
-            log.warning("tuneloop: taking over the lock of %s: the run that held it (%s) is no longer alive",
+            log.warning("taking over the lock of %s: the run that held it (%s) is no longer alive",
                         self.folder, describe_holder(stale))
         try:
             atomic.write_json(self.folder / HOLDER_FILE, holder_record())
