@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", required=True, metavar="FILE|-", help="JSONL or CSV with 'text' (and 'text_pair'); - for stdin")
     pr.add_argument("--output", metavar="FILE", help="write JSON lines here instead of stdout")
     pr.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default: 32)")
-    pr.add_argument("--quantize", metavar="int8", help="int8: dynamic int8 Linear layers on CPU (faster, see README)")
+    pr.add_argument("--quantize", metavar="int8", help="int8: dynamic int8 Linear layers on CPU (faster; docs/adapters.md)")
     pr.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
     ex = sub.add_parser("export", help="write a standalone (optionally int8) model folder", allow_abbrev=False)
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     se = sub.add_parser("search", help="hyperparameter search with Optuna (every train flag is fixed for all trials)",
                         allow_abbrev=False)
     common(se)
-    se.add_argument("--search-space", metavar="FILE", help="YAML search space (default: the built-in one, see README)")
+    se.add_argument("--search-space", metavar="FILE", help="YAML search space (default: the built-in one; docs/experiments.md)")
     se.add_argument("--storage", metavar="URL", help="Optuna storage URL shared by workers (default: sqlite:///OUT/study.db)")
     se.add_argument("--study-name", default="tuneloop", metavar="NAME", help="study name in the storage (default: tuneloop)")
     se.add_argument("--n-trials", type=int, default=20, metavar="N",

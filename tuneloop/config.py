@@ -94,7 +94,7 @@ class TrainConfig:
     epochs: int = _f(3, "number of passes over the training data")
     batch_size: int = _f(8, "examples per device per micro-batch")
     gradient_accumulation_steps: int = _f(1, "micro-batches accumulated into one optimizer step")
-    mixed_precision: Literal["no", "bf16", "fp16", "auto", "tf32"] = _f("auto", "autocast precision: no, bf16, fp16, tf32 (fp32 with TF32 matmuls on GPUs; no elsewhere), or auto (from device and model size: README \"Precision\")")
+    mixed_precision: Literal["no", "bf16", "fp16", "auto", "tf32"] = _f("auto", "autocast precision: no, bf16, fp16, tf32 (fp32 with TF32 matmuls on GPUs; no elsewhere), or auto (from device and model size: docs/precision.md)")
     gradient_checkpointing: bool | Literal["auto"] = _f(False, "recompute each layer's activations in backward instead "
                                                                "of keeping them (less memory, one more forward per "
                                                                "step); auto: only on CPUs with fast bf16, where it pays")
@@ -166,6 +166,8 @@ class PeftConfig:
 
 @dataclass
 class Config:
+    """The whole configuration, one dataclass per section: each field is a YAML key, a CLI flag and its default."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
