@@ -59,7 +59,7 @@ def test_outputs_of_a_run(tiny_model_dir, mrpc_slice, tmp_path):
     cfg = _config(tiny_model_dir, mrpc_slice, out)
     cfg.eval.eval_every = 2
     results = tuneloop.train(cfg)
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "eval_results.json", "learning_curves.png",
+    assert sorted(p.name for p in out.iterdir()) == [".tuneloop.lock", "checkpoints", "config.yaml", "eval_results.json", "learning_curves.png",
                                                      "metrics.jsonl", "model", "predictions.jsonl", "run_summary.json",
                                                      "tensorboard"]
     records = [json.loads(l) for l in open(out / "metrics.jsonl")]

@@ -12,6 +12,7 @@ study into that folder is refused. Each trial folder is locked like any run.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -70,6 +71,7 @@ class RunLock:
 
         if self.folder.exists() and not self.folder.is_dir():
             raise TuneloopError(f"{self.what} {self.folder} exists and is not a folder")
+        self.created = not self.folder.exists()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._lock.acquire()
@@ -93,6 +95,11 @@ class RunLock:
         if self._lock.is_locked:
             (self.folder / HOLDER_FILE).unlink(missing_ok=True)  # first: a holder file alone means "died"
             self._lock.release()
+            if self.created and [p.name for p in self.folder.iterdir()] == [LOCK_FILE]:
+                # A run refused before it wrote anything leaves no folder behind (it made it only to lock it).
+                (self.folder / LOCK_FILE).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    self.folder.rmdir()
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
