@@ -156,3 +156,11 @@ def test_an_empty_predictions_file_does_not_count_as_a_finished_seed(tiny_model_
     assert "seed 0 (1/2) already finished" in printed and "seed 1 (2/2) did not finish" in printed
     assert (out / "seed-1" / "predictions.jsonl").read_text() == predictions
     assert json.loads((out / "seeds_summary.json").read_text()) == summary
+
+
+def test_seed_and_seeds_together_is_one_line(tiny_model_dir, mrpc_slice, tmp_path, capsys):
+    """Before: --seed 3 --seeds 0,1 trained seeds 0 and 1 and dropped the 3 without a word."""
+    assert main(tiny_args(tiny_model_dir, mrpc_slice, tmp_path / "out", "--seed", "3", "--seeds", "0,1")) == 2
+    assert capsys.readouterr().err.strip() == ("tuneloop: error: train.seed: --seeds sets each run's seed, so --seed 3 "
+                                               "would apply to none; drop one of them")
+    assert not (tmp_path / "out").exists()

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.errors import TuneloopError
+from tuneloop.naming import dotted_keys
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,8 @@ def fingerprint(run) -> dict[str, Any]:
         "data": run.raw.fingerprint(),
         "tokenizer": tokenizer_fingerprint(run.tokenizer),
         "num_processes": run.accelerator.num_processes,
-        "config": _flatten(run.config.to_dict()),
+        "config": dotted_keys(run.config.to_dict()),
     }
-
-
-def _flatten(d: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return {f"{s}.{k}": v for s, values in d.items() for k, v in values.items()}
 
 
 def _encode(value: Any, tensors: dict[str, Any], key: str) -> Any:

@@ -8,7 +8,7 @@ and validates values before any work starts.
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
-from tuneloop.errors import ConfigError
+from tuneloop.errors import ConfigError, one_line
+from tuneloop.naming import did_you_mean
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -28,13 +29,16 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    task: str | None = _f("mrpc", "GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli); null for your own files")
+    task: str | None = _f("mrpc", "GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli); null for your own data (the "
+                                      "default with --train-file, --validation-file, --test-file or --dataset)")
     data_dir: str | None = _f(None, "local GLUE folder in the original glue_data TSV layout (e.g. glue_data/MRPC)")
     train_file: str | None = _f(None, "your training file: .csv, .tsv, .jsonl/.json or .parquet")
     validation_file: str | None = _f(None, "your validation file (same formats)")
     test_file: str | None = _f(None, "your test file (labels optional)")
     text_columns: list[str] | None = _f(None, "one column (single sentences) or two (pairs) holding the text")
     label_column: str | None = _f(None, "column holding the label (strings, integers or floats for regression)")
+    drop_unlabeled: bool = _f(False, "leave out rows whose label cell is empty or NaN (counted in the start line) "
+                                     "instead of stopping with their row numbers")
     max_length: int = _f(128, "truncate tokenised inputs to this many tokens")
     max_train_samples: int | None = _f(None, "use only the first N training examples")
     max_eval_samples: int | None = _f(None, "use only the first N examples of each evaluation split")
@@ -177,6 +181,10 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    # The `section.field`s the user set (flags, their own YAML file, the dict or flags given in code); not the
+    # built-in recipes' values. A later step that would change one of them (a search space, a device) must
+    # either keep it or say in one line why it cannot. Not a field: it is not part of the saved config.
+    given: typing.ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Config:
@@ -187,12 +195,14 @@ class Config:
     def from_flags(cls, config_file: str | Path | None = None, **flags: Any) -> Config:
         """Settings named like the CLI flags, validated: `Config.from_flags(task="sst2", learning_rate=3e-5)`;
         `config_file` is a YAML file or recipe name (`"fast"`) that they override."""
-        return config_from_dict(merge(read_yaml(config_file) if config_file else {},
-                                      overrides_from_flags(flags, prefix="")))
+        return load_config(config_file, flags, prefix="")
 
     def replace(self, **flags: Any) -> Config:
         """A validated copy with settings named like the CLI flags changed: `config.replace(epochs=1)`."""
-        return config_from_dict(merge(self.to_dict(), overrides_from_flags(flags, prefix="")))
+        overrides = overrides_from_flags(flags, prefix="")
+        config = config_from_dict(merge(self.to_dict(), overrides))
+        config.given = self.given | paths_in(overrides)
+        return config
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -225,11 +235,6 @@ def short_names() -> dict[str, str]:
     return names
 
 
-def _suggest(name: str, candidates: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def _resolve_type(tp: Any) -> Any:
     return typing.get_type_hints(tp) if isinstance(tp, type) else tp
 
@@ -253,7 +258,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}{_suggest(str(value), map(str, choices))}")
+            raise ConfigError(f"{key}: {_shown(value)} is not one of {', '.join(map(str, choices))}{did_you_mean(str(value), map(str, choices))}")
         return value
     if origin is list:
         (item,) = typing.get_args(tp)
@@ -267,10 +272,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {_shown(value)}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_shown(value)}")
         try:
             as_float = float(value)
         except ValueError:
@@ -280,16 +285,34 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return int(as_float)
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {_shown(value)}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{key}: expected a number, got {_shown(value)}") from None
+        if not math.isfinite(number):  # NaN passes every `< 0` check below: refuse it here
+            raise ConfigError(f"{key}: expected a finite number, got {_shown(value)}")
+        return number
     if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        # YAML reads `false`, `null`, `1.0` unquoted; a boolean or null never silently becomes "False"/"None".
+        if value is None or isinstance(value, (bool, dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {_shown(value)}")
         return str(value)
     return value
+
+
+def _shown(value: Any) -> str:
+    """A value as the user wrote it in YAML (true, null), not as Python prints it (True, None)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip() \
+        if isinstance(value, (bool, type(None))) else repr(value)
+
+
+def coerce_field(value: Any, f: dataclasses.Field, tp: Any, key: str) -> Any:
+    """One field's value: a flag that may stand alone (`resume`) reads true as that flag and false as off."""
+    if "const" in f.metadata and (value is True or value is False
+                                  or isinstance(value, str) and value.lower() in ("true", "false")):
+        return f.metadata["const"] if value is True or str(value).lower() == "true" else None
+    return _coerce(value, tp, key)
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -299,7 +322,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     sections = {}
     for section, values in raw.items():
         if section not in SECTIONS:
-            hint = _suggest(section, SECTIONS)
+            hint = did_you_mean(str(section), SECTIONS)
             if section in short_names() and not hint:  # a section's own near-namesake first ('optimizer')
                 hint = f" (did you mean '{short_names()[section]}'?)"
             raise ConfigError(f"unknown config section '{section}'{hint}")
@@ -309,18 +332,25 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
             raise ConfigError(f"config section '{section}' must be a mapping, got {values!r}")
         cls = SECTIONS[section]
         hints = typing.get_type_hints(cls)
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, value in values.items():
             if key not in known:
-                raise ConfigError(f"unknown config key '{section}.{key}'{_suggest(key, known)}")
-            kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
-        if section == "data" and kwargs.get("dataset") and "task" not in kwargs:
-            kwargs["task"] = None  # a dataset of one's own, not GLUE's MRPC (the default task)
+                raise ConfigError(f"unknown config key '{section}.{key}'{did_you_mean(str(key), known)}")
+            kwargs[key] = coerce_field(value, known[key], hints[key], f"{section}.{key}")
+        own_data = any(kwargs.get(k) for k in ("dataset", "train_file", "validation_file", "test_file"))
+        if section == "data" and own_data and "task" not in kwargs:
+            kwargs["task"] = None  # data of one's own, not GLUE's MRPC (the default task)
         sections[section] = cls(**kwargs)
     config = Config(**sections)
     validate(config)
+    config.given = paths_in(raw)
     return config
+
+
+def paths_in(raw: dict[str, Any]) -> frozenset[str]:
+    """The `section.field`s a nested dict sets."""
+    return frozenset(f"{s}.{k}" for s, values in raw.items() if isinstance(values, dict) for k in values)
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -349,7 +379,7 @@ def resolve_config_path(path: str | Path) -> Path:
         if (RECIPES_DIR / f"{p.name}.yaml").is_file():
             return RECIPES_DIR / f"{p.name}.yaml"
         raise ConfigError(f"config file not found: {p} (built-in recipes: {', '.join(recipe_names())})"
-                          f"{_suggest(p.name, recipe_names())}")
+                          f"{did_you_mean(p.name, recipe_names())}")
     raise ConfigError(f"config file not found: {p}")
 
 
@@ -360,7 +390,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"config file {p} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e)
+        raise ConfigError(f"config file {p} is not valid YAML{where}: {one_line(str(problem))}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {p} is not UTF-8 text") from None
     if raw is None:  # an empty file (e.g. cut short by a kill) is not "all defaults": that would train another task
@@ -379,30 +410,55 @@ def overrides_from_flags(flags: dict[str, Any], prefix: str = "--") -> dict[str,
         key = name.replace("-", "_")
         if "." not in key:
             if key not in shorts:
-                raise ConfigError(f"unknown option '{prefix}{name}'{_suggest(key, list(shorts) + list(paths))}")
+                raise ConfigError(f"unknown option '{prefix}{name}'{did_you_mean(key, list(shorts) + list(paths))}")
             key = shorts[key]
         elif key not in paths:
-            raise ConfigError(f"unknown option '{prefix}{name}'{_suggest(key, paths)}")
+            raise ConfigError(f"unknown option '{prefix}{name}'{did_you_mean(key, paths)}")
         section, fname = key.split(".")
         nested.setdefault(section, {})[fname] = value
     return nested
 
 
-def load_config(path: str | Path | None = None, flags: dict[str, Any] | None = None) -> Config:
+def load_config(path: str | Path | None = None, flags: dict[str, Any] | None = None, prefix: str = "--") -> Config:
     """YAML file (optional) + flag overrides -> validated Config."""
     raw = read_yaml(path) if path else {}
-    return config_from_dict(merge(raw, overrides_from_flags(flags or {})))
+    overrides = overrides_from_flags(flags or {}, prefix=prefix)
+    config = config_from_dict(merge(raw, overrides))
+    recipe = path is not None and resolve_config_path(path).parent == RECIPES_DIR
+    config.given = paths_in(overrides) | (frozenset() if recipe else paths_in(raw))
+    return config
 
 
 def validate(config: Config) -> None:
-    """Value checks that need no data; each failure names the key."""
+    """Value checks that need no data, section by section; the first failure is raised and names its key."""
+    from tuneloop.tracking import check_report_to
+
+    validate_data(config.data)
+    validate_model(config.model)
+    validate_optim(config.optim)
+    validate_train(config.train)
+    validate_eval(config.eval)
+    validate_checkpoint(config.checkpoint)
+    check_report_to(config.output.report_to)
+    validate_launch(config.launch)
+    validate_peft(config)
+
+
+def _check_at_least_one(values: dict[str, int | None], message: str = "must be at least 1") -> None:
+    """Each `key: value` is at least 1; a None value is an unset option and passes."""
+    for key, value in values.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}: {message}, got {value}")
+
+
+def validate_data(d: DataConfig) -> None:
+    """One data source, a known task (normalised in place: 'SST-2' -> 'sst2'), positive lengths and sample caps."""
     from tuneloop.tasks import TASKS
 
-    d, o, t, e = config.data, config.optim, config.train, config.eval
     if d.task is not None:
         d.task = d.task.lower().replace("-", "")
         if d.task not in TASKS:
-            raise ConfigError(f"data.task: unknown task '{d.task}'{_suggest(d.task, TASKS)}; known: {', '.join(TASKS)}")
+            raise ConfigError(f"data.task: unknown task '{d.task}'{did_you_mean(d.task, TASKS)}; known: {', '.join(TASKS)}")
     elif not d.train_file and not d.validation_file and not d.test_file and not d.dataset:
         raise ConfigError("data.task is null, so give your own data with --train-file / --validation-file "
                           "or --dataset NAME")
@@ -412,21 +468,33 @@ def validate(config: Config) -> None:
         raise ConfigError("data.dataset_config/train_split/validation_split/test_split: only apply with --dataset NAME")
     if d.text_columns is not None and not 1 <= len(d.text_columns) <= 2:
         raise ConfigError(f"data.text_columns: give one or two columns, got {d.text_columns}")
-    positive = {
-        "data.max_length": d.max_length,
-        "train.epochs": t.epochs,
-        "train.batch_size": t.batch_size,
-        "train.gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "train.log_every": t.log_every,
-        "eval.eval_batch_size": e.eval_batch_size,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}: must be at least 1, got {value}")
-    for key, value in {"data.max_train_samples": d.max_train_samples, "data.max_eval_samples": d.max_eval_samples,
-                       "data.pad_to_multiple_of": d.pad_to_multiple_of}.items():
-        if value is not None and value < 1:
-            raise ConfigError(f"{key}: must be at least 1 (or null), got {value}")
+    if d.text_columns and d.label_column in d.text_columns:
+        raise ConfigError(f"data.label_column: '{d.label_column}' is also a text column (data.text_columns), so the "
+                          f"model would read the answer; name another column")
+    _check_at_least_one({"data.max_length": d.max_length})
+    _check_at_least_one({"data.max_train_samples": d.max_train_samples, "data.max_eval_samples": d.max_eval_samples,
+                         "data.pad_to_multiple_of": d.pad_to_multiple_of}, "must be at least 1 (or null)")
+
+
+def validate_model(m: ModelConfig) -> None:
+    """Attention dropout in [0, 1) and an attention kernel that transformers (or tuneloop) provides."""
+    from transformers import AttentionInterface
+
+    from tuneloop.model import LEAN_ATTENTION
+
+    if m.attention_dropout is not None and not 0 <= m.attention_dropout < 1:
+        raise ConfigError(f"model.attention_dropout: must be in [0, 1) or null, got {m.attention_dropout}")
+    named = ("sdpa", LEAN_ATTENTION)
+    kernels = ["sdpa", "eager", "lean", "auto", *(k for k in AttentionInterface._global_mapping if k not in named)]
+    if m.attn_implementation not in kernels:
+        raise ConfigError(f"model.attn_implementation: unknown attention '{m.attn_implementation}'"
+                          f"{did_you_mean(m.attn_implementation, kernels)}; one of {', '.join(kernels)}")
+
+
+def validate_optim(o: OptimConfig) -> None:
+    """AdamW's settings in range, warmup shorter than training, and a schedule transformers knows."""
+    from transformers.trainer_utils import SchedulerType
+
     if o.learning_rate <= 0:
         raise ConfigError(f"optim.learning_rate: must be positive, got {o.learning_rate}")
     if o.weight_decay < 0:
@@ -441,39 +509,34 @@ def validate(config: Config) -> None:
         raise ConfigError(f"optim.warmup_ratio: must be in [0, 1) (warmup longer than training), got {o.warmup_ratio}")
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps: must not be negative, got {o.warmup_steps}")
-    dropout = config.model.attention_dropout
-    if dropout is not None and not 0 <= dropout < 1:
-        raise ConfigError(f"model.attention_dropout: must be in [0, 1) or null, got {dropout}")
-    from transformers import AttentionInterface
-
-    from tuneloop.model import LEAN_ATTENTION
-
-    named = ("sdpa", LEAN_ATTENTION)
-    kernels = ["sdpa", "eager", "lean", "auto", *(k for k in AttentionInterface._global_mapping if k not in named)]
-    if config.model.attn_implementation not in kernels:
-        raise ConfigError(f"model.attn_implementation: unknown attention '{config.model.attn_implementation}'"
-                          f"{_suggest(config.model.attn_implementation, kernels)}; one of {', '.join(kernels)}")
-    from transformers.trainer_utils import SchedulerType
-
     schedules = [s.value for s in SchedulerType]
     if o.lr_scheduler not in schedules:
-        raise ConfigError(f"optim.lr_scheduler: unknown schedule '{o.lr_scheduler}'{_suggest(o.lr_scheduler, schedules)}")
-    if config.checkpoint.checkpoint_every < 0:
-        raise ConfigError(f"checkpoint.checkpoint_every: must not be negative, got {config.checkpoint.checkpoint_every}")
-    if config.checkpoint.keep_last < 1:
-        raise ConfigError(f"checkpoint.keep_last: must be at least 1, got {config.checkpoint.keep_last}")
+        raise ConfigError(f"optim.lr_scheduler: unknown schedule '{o.lr_scheduler}'{did_you_mean(o.lr_scheduler, schedules)}")
+
+
+def validate_train(t: TrainConfig) -> None:
+    _check_at_least_one({"train.epochs": t.epochs, "train.batch_size": t.batch_size,
+                         "train.gradient_accumulation_steps": t.gradient_accumulation_steps,
+                         "train.log_every": t.log_every})
+
+
+def validate_eval(e: EvalConfig) -> None:
+    _check_at_least_one({"eval.eval_batch_size": e.eval_batch_size})
     if e.eval_every < 0:
         raise ConfigError(f"eval.eval_every: must not be negative, got {e.eval_every}")
-    if e.early_stopping_patience is not None and e.early_stopping_patience < 1:
-        raise ConfigError(f"eval.early_stopping_patience: must be at least 1 (or null), got {e.early_stopping_patience}")
-    from tuneloop.tracking import check_report_to
+    _check_at_least_one({"eval.early_stopping_patience": e.early_stopping_patience}, "must be at least 1 (or null)")
 
-    check_report_to(config.output.report_to)
-    la = config.launch
-    for key, value in {"launch.num_processes": la.num_processes, "launch.num_machines": la.num_machines,
-                       "launch.timeout": la.timeout}.items():
-        if value is not None and value < 1:
-            raise ConfigError(f"{key}: must be at least 1, got {value}")
+
+def validate_checkpoint(c: CheckpointConfig) -> None:
+    if c.checkpoint_every < 0:
+        raise ConfigError(f"checkpoint.checkpoint_every: must not be negative, got {c.checkpoint_every}")
+    _check_at_least_one({"checkpoint.keep_last": c.keep_last})
+
+
+def validate_launch(la: LaunchConfig) -> None:
+    """Process and machine counts, this machine's rank among them, and where machine 0 listens."""
+    _check_at_least_one({"launch.num_processes": la.num_processes, "launch.num_machines": la.num_machines,
+                         "launch.timeout": la.timeout})
     if not 0 <= la.machine_rank < la.num_machines:
         raise ConfigError(f"launch.machine_rank: must be in 0..{la.num_machines - 1} "
                           f"(launch.num_machines is {la.num_machines}), got {la.machine_rank}")
@@ -481,7 +544,6 @@ def validate(config: Config) -> None:
         raise ConfigError("launch.main_process_ip: several machines need the address of machine 0 (--main-process-ip)")
     if la.main_process_port is not None and not 0 < la.main_process_port < 65536:
         raise ConfigError(f"launch.main_process_port: must be a port number (1-65535), got {la.main_process_port}")
-    validate_peft(config)
 
 
 def validate_peft(config: Config) -> None:

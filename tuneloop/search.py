@@ -18,9 +18,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tuneloop.config import Config, _suggest, config_from_dict, field_paths, short_names
 from tuneloop import atomic
+from tuneloop.config import Config, config_from_dict, field_paths, short_names
 from tuneloop.errors import ConfigError, TuneloopError
+from tuneloop.naming import did_you_mean
 from tuneloop.redact import mask_url, redact
 from tuneloop.runlock import claim_for_study
 
@@ -62,7 +63,7 @@ def parse_space(raw: Any, source: str = "search space") -> dict[str, dict[str, A
     for name, spec in raw.items():
         path = shorts.get(str(name), str(name))
         if path not in paths:
-            raise ConfigError(f"{source}: unknown parameter '{name}'{_suggest(str(name), list(paths) + list(shorts))}")
+            raise ConfigError(f"{source}: unknown parameter '{name}'{did_you_mean(str(name), list(paths) + list(shorts))}")
         if path in NOT_SEARCHABLE:
             raise ConfigError(f"{source}: '{path}' cannot be searched (it is fixed for the whole study)")
         if isinstance(spec, list):
@@ -104,6 +105,36 @@ def load_space(path: str | None) -> dict[str, dict[str, Any]]:
     return parse_space(raw, f"search space {p}")
 
 
+def respect_given(space: dict[str, dict[str, Any]], base: Config, space_file: str | None) -> dict[str, Any]:
+    """Settings the user gave that the search would replace: each kept (the built-in space) or, when their own
+    search space names it, searched, with one line either way; the trial-fixed ones are refused."""
+    refuse_fixed_by_the_study(base)
+    kept = dict(space)
+    for path in sorted(base.given & set(space)):
+        section, name = path.split(".")
+        value = getattr(getattr(base, section), name)
+        if space_file is None:
+            del kept[path]
+            log.warning("search: %s stays at %r as you set it, so the built-in search space does not sample it",
+                        path, value)
+        else:
+            log.warning("search: %s is sampled from the search space %s, so your setting %r applies to no trial",
+                        path, space_file, value)
+    if not kept:
+        raise ConfigError("every parameter of the built-in search space is set on the command line: nothing to "
+                          "search (give --search-space FILE)")
+    return kept
+
+
+def refuse_fixed_by_the_study(base: Config) -> None:
+    """--resume and --push-to-hub given to a search would apply to no trial: say why, before any work."""
+    for path, why in (("checkpoint.resume", "a search continues with the same command; its trials never resume"),
+                      ("output.push_to_hub", "push the best trial afterwards: tuneloop train --config "
+                                             "OUT/best_config.yaml --push-to-hub REPO")):
+        if path in base.given:
+            raise ConfigError(f"{path}: does not apply to tuneloop search ({why})")
+
+
 def suggest(trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     params = {}
     for path, spec in space.items():
@@ -126,7 +157,9 @@ def config_with(base: Config, params: dict[str, Any], output_dir: str | Path) ->
         raw[section][name] = value
     raw["output"].update(output_dir=str(output_dir), overwrite=True, push_to_hub=None)
     raw["checkpoint"]["resume"] = None
-    return config_from_dict(raw)
+    config = config_from_dict(raw)
+    config.given = base.given | set(params)  # what the user set, plus this trial's values (not every default)
+    return config
 
 
 def pruning_hook(trial, main_metric: str):
@@ -241,6 +274,7 @@ def search(base: Config, space_file: str | None = None, storage: str | None = No
     from tuneloop.data import load_raw
 
     space = load_space(space_file)
+    refuse_fixed_by_the_study(base)
     if n_trials < 1:
         raise ConfigError(f"--n-trials: must be at least 1, got {n_trials}")
     if timeout is not None and timeout <= 0:
@@ -249,14 +283,44 @@ def search(base: Config, space_file: str | None = None, storage: str | None = No
     out.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{out / 'study.db'}"
     main_metric = load_raw(base.data, need_train=False).main_metric
-    rdb = open_storage(url)
+    study = open_study(url, study_name, pruner, main_metric)
     claim_for_study(out, study_name, url)  # the folder is this study's: another study's search is refused
-    study = optuna.create_study(storage=rdb, study_name=study_name, direction="maximize", load_if_exists=True,
+    space = respect_given(space, base, space_file)  # after the checks that fail, so a failing command says one line
+    fail_dead_trials(study)
+    done = count_finished(study)
+    if done >= n_trials:
+        print(f"tuneloop: study '{study_name}' already holds {done} finished trials (--n-trials {n_trials})", flush=True)
+    else:
+        print(f"tuneloop: study '{study_name}' in {mask_url(url)}: {done} of {n_trials} trials finished; "
+              f"objective {main_metric} (maximise)", flush=True)
+        try:
+            study.optimize(trial_objective(base, space, out, main_metric), timeout=timeout, catch=(Exception,),
+                           callbacks=[stop_at(n_trials)])
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: still write what the study holds, then stop
+            from tuneloop.signals import Interrupted
+
+            write_results(study, base, space, out, url, main_metric, require_complete=False)
+            raise Interrupted(f"search stopped by a signal; the study is in {mask_url(url)}: "
+                              f"run the same command to continue it") from None
+    return write_results(study, base, space, out, url, main_metric)
+
+
+def open_study(url: str, study_name: str, pruner: str, main_metric: str):
+    """Create the study in the storage, or load it to continue; it maximises `main_metric`."""
+    optuna = _optuna()
+    study = optuna.create_study(storage=open_storage(url), study_name=study_name, direction="maximize",
+                                load_if_exists=True,
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=2) if pruner == "median"
                                 else optuna.pruners.NopPruner())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # experimental in Optuna; names the value column in its plots
         study.set_metric_names([main_metric])
+    return study
+
+
+def trial_objective(base: Config, space: dict[str, Any], out: Path, main_metric: str):
+    """The objective: one trial trains `base` with the trial's parameters into OUT/trial-NNNN/."""
+    optuna = _optuna()
     from tuneloop.recipe import train
 
     def objective(trial) -> float:
@@ -282,22 +346,7 @@ def search(base: Config, space_file: str | None = None, storage: str | None = No
             raise
         return float(results[main_metric])
 
-    fail_dead_trials(study)
-    done = count_finished(study)
-    if done >= n_trials:
-        print(f"tuneloop: study '{study_name}' already holds {done} finished trials (--n-trials {n_trials})", flush=True)
-    else:
-        print(f"tuneloop: study '{study_name}' in {mask_url(url)}: {done} of {n_trials} trials finished; "
-              f"objective {main_metric} (maximise)", flush=True)
-        try:
-            study.optimize(objective, timeout=timeout, catch=(Exception,), callbacks=[stop_at(n_trials)])
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: still write what the study holds, then stop
-            from tuneloop.signals import Interrupted
-
-            write_results(study, base, space, out, url, main_metric, require_complete=False)
-            raise Interrupted(f"search stopped by a signal; the study is in {mask_url(url)}: "
-                              f"run the same command to continue it") from None
-    return write_results(study, base, space, out, url, main_metric)
+    return objective
 
 
 def write_results(study, base: Config, space: dict[str, Any], out: Path, url: str, main_metric: str,

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from tuneloop.errors import ConfigError, TuneloopError
+from tuneloop.naming import dotted_keys
 
 SUMMARY = "seeds_summary.json"
 BOOTSTRAP_RESAMPLES = 10_000
@@ -94,13 +95,13 @@ def _same_config(folder: Path, config) -> bool:
     """Whether the run in `folder` has `config`'s settings, except those that do not change results."""
     import yaml
 
-    from tuneloop.checkpoint import RESUME_SAFE, _flatten
+    from tuneloop.checkpoint import RESUME_SAFE
 
     try:
-        saved = _flatten(yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")))
+        saved = dotted_keys(yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")))
     except (OSError, ValueError, AttributeError, yaml.YAMLError):
         return False
-    wanted = _flatten(config.to_dict())
+    wanted = dotted_keys(config.to_dict())
     return all(saved.get(k) == v for k, v in wanted.items() if k not in RESUME_SAFE)
 
 
@@ -149,6 +150,9 @@ def train_seeds(config, seeds: list[int]) -> dict[str, Any]:
     from tuneloop.runlock import RunLock
 
     out = Path(config.output.output_dir)
+    if "train.seed" in config.given:
+        raise ConfigError(f"train.seed: --seeds sets each run's seed, so --seed {config.train.seed} would apply to "
+                          f"none; drop one of them")
     with RunLock(out):
         return _train_seeds(config, seeds, out, train, write_json, write_model_card, push_to_hub)
 
