@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from tuneloop import atomic
-
 from tuneloop.adapters import (describe_parameters, is_adapter_dir, keep_trainable_in_checkpoints, load_adapter_model,
                                prepare_model, rank_budget, save_adapter, save_merged)
 from tuneloop.batching import EpochBatchSampler
