@@ -4,7 +4,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from tuneloop.config import OptimConfig
 from tuneloop.errors import ConfigError
-from tuneloop.optim import build_optimizer, build_scheduler, num_training_steps, param_groups
+from tuneloop.optim import build_optimizer, build_scheduler, num_training_steps, num_warmup_steps, param_groups
 
 
 def _model():
@@ -56,6 +56,33 @@ def test_linear_schedule_warms_up_and_ends_at_zero():
 def test_warmup_longer_than_training_is_refused():
     with pytest.raises(ConfigError, match="warmup .* is not shorter than training"):
         build_scheduler(build_optimizer(_model(), OptimConfig()), OptimConfig(warmup_steps=50), total_steps=50)
+
+
+@pytest.mark.parametrize("ratio, total, expected", [
+    (0.1, 1, 0),  # 32 examples at batch 32: one step, so no warmup (was: an error)
+    (0.1, 2, 1),
+    (0.1, 10, 1),
+    (0.1, 11, 2),  # rounded up, as before
+    (0.9, 5, 4),  # capped one below the run: the last step still trains at a decayed lr
+    (0.0, 1, 0),
+])
+def test_a_warmup_ratio_never_makes_a_run_invalid(ratio, total, expected):
+    assert num_warmup_steps(OptimConfig(warmup_ratio=ratio), total) == expected
+
+
+def test_a_ratio_warmup_on_a_one_step_run_trains_that_step_at_the_peak_lr():
+    model = _model()
+    cfg = OptimConfig(learning_rate=1e-3, warmup_ratio=0.1)
+    opt = build_optimizer(model, cfg)
+    build_scheduler(opt, cfg, total_steps=1)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)  # no warmup step at lr 0
+
+
+def test_explicit_warmup_steps_are_kept_and_still_checked():
+    assert num_warmup_steps(OptimConfig(warmup_steps=3, warmup_ratio=0.5), 10) == 3  # steps override the ratio
+    with pytest.raises(ConfigError, match=r"optim.warmup_steps: warmup \(1 steps\) is not shorter than training "
+                                          r"\(1 optimizer steps\)"):
+        num_warmup_steps(OptimConfig(warmup_steps=1), 1)
 
 
 def _first_step_moves(model, cfg):

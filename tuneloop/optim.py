@@ -102,11 +102,15 @@ def num_training_steps(batches_per_epoch: int, epochs: int, accumulation_steps: 
 
 
 def num_warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
-    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
-    if warmup >= total_steps:
-        raise ConfigError(f"optim.warmup_steps: warmup ({warmup} steps) is not shorter than training "
-                          f"({total_steps} optimizer steps)")
-    return warmup
+    """Warmup steps: `warmup_steps` as given (an error if it leaves no step after warmup), or `warmup_ratio`
+    of the run rounded up and capped below `total_steps`: a ratio is valid for every run length, so a tiny
+    dataset (1 optimizer step) trains with no warmup rather than failing."""
+    if cfg.warmup_steps > 0:
+        if cfg.warmup_steps >= total_steps:
+            raise ConfigError(f"optim.warmup_steps: warmup ({cfg.warmup_steps} steps) is not shorter than training "
+                              f"({total_steps} optimizer steps)")
+        return cfg.warmup_steps
+    return max(0, min(math.ceil(cfg.warmup_ratio * total_steps), total_steps - 1))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
