@@ -62,11 +62,13 @@ class ModelConfig:
     # because attention with dropout keeps every batch x heads x length x length probability for backward.
     attention_dropout: float | None = _f(None, "override the checkpoint's dropout on attention probabilities "
                                                "(null: keep it; 0 saves much memory on long batches)")
-    dropout_masks: Literal["torch", "fast", "auto"] = _f("torch", "how dropout draws masks on CPU: torch (one random "
-                                                                  "number per element), fast (16 random bits per "
-                                                                  "element, ~2.6x faster; p rounded to 1/65536), or "
-                                                                  "auto (fast on CPU); GPUs keep torch's")
-    attn_implementation: str = _f("sdpa", "attention kernel: sdpa (PyTorch's fused attention), eager, lean (keeps "
+    # Neither of these two changes a hyperparameter, so they resolve per device for every run (tuneloop.devices);
+    # `torch` / `sdpa` pin the previous behaviour.
+    dropout_masks: Literal["torch", "fast", "auto"] = _f("auto", "how dropout draws masks on CPU: torch (one random "
+                                                                 "number per element), fast (16 random bits per "
+                                                                 "element, ~2.6x faster; p rounded to 1/65536), or "
+                                                                 "auto (fast on CPU); GPUs keep torch's")
+    attn_implementation: str = _f("auto", "attention kernel: sdpa (PyTorch's fused attention), eager, lean (keeps "
                                           "probabilities in bf16: less memory and faster on CPU), auto (lean on CPU, "
                                           "sdpa elsewhere), or any name transformers knows (flash_attention_2, ...)")
     # Zhang et al. 2021 ("Revisiting few-sample BERT fine-tuning"): the top layers specialise to the
