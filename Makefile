@@ -1,21 +1,42 @@
 # Two commands do all the set-up on a fresh machine: `make train` and `make test`.
+# They install into the active virtual environment if there is one, else into a project one (.venv/, built from
+# $(PYTHON) on first use), so an externally managed system Python (PEP 668: Debian 12, Ubuntu 23.04 and later) works.
 PYTHON ?= python3
-PIP := $(PYTHON) -m pip
+VENV ?= .venv
 DATA ?= ../shared/data/glue/MRPC
 OUT ?= runs/mrpc
 
 VENV_MIN ?= .venv-min
 
-.PHONY: install train test test-min bench bench-quick
+ifneq ($(VIRTUAL_ENV),)
+ENV_PYTHON := $(VIRTUAL_ENV)/bin/python
+INSTALLED := install-always
+else
+ENV_PYTHON := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+endif
 
-install:
-	$(PIP) install -q -e ".[dev]" -c constraints.txt
+.PHONY: install install-always train test test-min bench bench-quick
+
+install: $(INSTALLED)
+
+# Re-run whenever the dependencies change; pip leaves what already matches alone.
+$(VENV)/.installed: pyproject.toml constraints.txt | $(VENV)/bin/python
+	$(ENV_PYTHON) -m pip install -q -e ".[dev]" -c constraints.txt
+	touch $@
+
+install-always:
+	$(ENV_PYTHON) -m pip install -q -e ".[dev]" -c constraints.txt
+
+$(VENV)/bin/python:
+	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "make: '$(PYTHON) -m venv' failed: on Debian/Ubuntu install \
+	python3-venv (apt install python3-venv), or activate a virtual environment and run make again" >&2; exit 1; }
 
 train: install
-	$(PYTHON) -m tuneloop train --task mrpc --data-dir $(DATA) --output-dir $(OUT) --overwrite
+	$(ENV_PYTHON) -m tuneloop train --task mrpc --data-dir $(DATA) --output-dir $(OUT) --overwrite
 
 test: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) -m pytest -q
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(ENV_PYTHON) -m pytest -q
 
 # The suite with the lowest torch, transformers, accelerate and datasets pyproject.toml allows, in a fresh
 # virtual environment (git-ignored): proves the lower bounds. torch from PyPI is a CUDA build (~3 GB with its
@@ -32,7 +53,7 @@ $(VENV_MIN)/.installed: constraints-min.txt pyproject.toml
 	touch $@
 
 bench: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) benchmarks/bench.py
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(ENV_PYTHON) benchmarks/bench.py
 
 bench-quick: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) benchmarks/bench.py --quick
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(ENV_PYTHON) benchmarks/bench.py --quick

@@ -17,6 +17,7 @@ from tuneloop.errors import ConfigError, TuneloopError
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 # The Python module each tracker needs, and what to install for it.
 TRACKER_MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+TRACKER_INSTALL = {"tensorboard": "'tuneloop[track]'", "mlflow": "'tuneloop[mlflow]'", "wandb": "wandb"}
 
 
 class MetricsLog:
@@ -79,8 +80,7 @@ def check_report_to(names: list[str]) -> None:
             raise ConfigError(f"output.report_to: unknown tracker '{name}'{_suggest(name, allowed)}; "
                               f"one of {', '.join(allowed)}")
         if name in TRACKERS and importlib.util.find_spec(TRACKER_MODULES[name]) is None:
-            raise ConfigError(f"output.report_to: {name} is not installed (pip install {name}, "
-                              f"or pip install 'tuneloop[track]' for TensorBoard)")
+            raise ConfigError(f"output.report_to: {name} is not installed (pip install {TRACKER_INSTALL[name]})")
     if len(names) > 1 and ("none" in names or "auto" in names):
         raise ConfigError(f"output.report_to: 'none' and 'auto' stand alone, got {','.join(names)}")
 
@@ -114,8 +114,11 @@ def start_trackers(accelerator, config, metrics_log: MetricsLog) -> None:
 
     flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flatten(config.to_dict()).items()}
     try:
+        out = Path(config.output.output_dir)
+        # Runs are named after their output folder in every tracker's UI (MLflow would pick a random name).
         accelerator.init_trackers("tuneloop", config=flat,
-                                  init_kwargs={"wandb": {"dir": str(Path(config.output.output_dir))}})
+                                  init_kwargs={"wandb": {"dir": str(out), "name": out.name},
+                                               "mlflow": {"run_name": out.name}})
     except Exception as e:  # a tracker's server or login is the user's environment, not a crash of ours
         raise TuneloopError(f"could not start tracker(s) {', '.join(map(str, accelerator.log_with))}: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
