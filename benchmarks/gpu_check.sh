@@ -5,7 +5,7 @@
 #     SMOKE=1 bash benchmarks/gpu_check.sh   # any machine, CPU too: every stage on 32 examples and a tiny "large"
 #                                            # model (also the compiled stage's), to prove the script end to end
 #                                            # (numbers mean nothing); a CPU is slow, so SMOKE gives every stage
-#                                            # SCALE (default 6) times its limit and the whole check BUDGET 3600 s
+#                                            # SCALE (default 8) times its limit and the whole check BUDGET 4800 s
 # Stages (each with its own time limit; a stage that fails is reported and the next one still runs):
 #   1. tests/test_gpu.py (and test_loop.py's host-read count)
 #   2. bench rows a-d on all-MiniLM-L6-v2, full MRPC, 3 epochs
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-gpu-check}
 WORK=${WORK:-/tmp/tuneloop-gpu-check}
-if [[ -n "${SMOKE:-}" ]]; then BUDGET=${BUDGET:-3600}; SCALE=${SCALE:-6}; else BUDGET=${BUDGET:-480}; SCALE=${SCALE:-1}; fi
+if [[ -n "${SMOKE:-}" ]]; then BUDGET=${BUDGET:-4800}; SCALE=${SCALE:-8}; else BUDGET=${BUDGET:-480}; SCALE=${SCALE:-1}; fi
 mkdir -p "$OUT" "$WORK"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 START=$(date +%s)
