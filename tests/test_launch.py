@@ -135,14 +135,15 @@ def test_the_first_reported_failure_is_the_root_cause():
 
 
 def test_where_the_processes_meet_does_not_block_a_resume():
-    from tuneloop.checkpoint import _flatten, check_compatible
+    from tuneloop.checkpoint import check_compatible
+    from tuneloop.naming import dotted_keys
 
     saved = load_config(flags={"num_processes": 2, "num_machines": 2, "main_process_ip": "10.0.0.1"})
     here = load_config(flags={"num_processes": 2, "num_machines": 2, "machine_rank": 1, "main_process_ip": "10.0.0.7",
                               "main_process_port": 29400, "timeout": 60})
     record = {"data": "d", "tokenizer": "t", "num_processes": 4}
-    assert check_compatible({**record, "config": _flatten(saved.to_dict())},
-                            {**record, "config": _flatten(here.to_dict())}) == []
-    assert check_compatible({**record, "config": _flatten(saved.to_dict())},
-                            {**record, "num_processes": 2, "config": _flatten(here.to_dict())}) == [
+    assert check_compatible({**record, "config": dotted_keys(saved.to_dict())},
+                            {**record, "config": dotted_keys(here.to_dict())}) == []
+    assert check_compatible({**record, "config": dotted_keys(saved.to_dict())},
+                            {**record, "num_processes": 2, "config": dotted_keys(here.to_dict())}) == [
         "number of processes 4 -> 2"]

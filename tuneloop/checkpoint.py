@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.errors import TuneloopError
+from tuneloop.naming import dotted_keys
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +81,8 @@ def fingerprint(run) -> dict[str, Any]:
         "data": run.raw.fingerprint(),
         "tokenizer": tokenizer_fingerprint(run.tokenizer),
         "num_processes": run.accelerator.num_processes,
-        "config": _flatten(run.config.to_dict()),
+        "config": dotted_keys(run.config.to_dict()),
     }
-
-
-def _flatten(d: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return {f"{s}.{k}": v for s, values in d.items() for k, v in values.items()}
 
 
 def save_checkpoint(run, metric: float | None = None) -> Path:

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop import launch
-from tuneloop.config import (SECTIONS, Config, ConfigError, _suggest, field_paths, load_config, recipe_names,
+from tuneloop.config import (SECTIONS, Config, ConfigError, field_paths, load_config, recipe_names,
                              short_names)
 from tuneloop.errors import TuneloopError
+from tuneloop.naming import did_you_mean
 
 # Options that belong to the command, not to the config.
 COMMAND_OPTIONS = {"config", "print_config", "debug"}
@@ -61,49 +62,77 @@ def build_parser() -> argparse.ArgumentParser:
                     description="Fine-tune and evaluate Hugging Face sequence classifiers with one visible loop.")
     sub = parser.add_subparsers(dest="command", metavar="{train,eval,predict,export,data,search,report,compare}",
                                 parser_class=Parser)
+    add_train_command(sub)
+    add_eval_command(sub)
+    add_predict_command(sub)
+    add_export_command(sub)
+    add_data_command(sub)
+    add_search_command(sub)
+    add_report_command(sub)
+    add_compare_command(sub)
+    return parser
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", metavar="FILE", help="YAML file with config sections, or a built-in recipe name "
-                                                     f"({', '.join(recipe_names())}); flags override it")
-        p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
+def add_config_file_flags(p: argparse.ArgumentParser) -> None:
+    """--config and --debug, for the commands that read a config."""
+    p.add_argument("--config", metavar="FILE", help="YAML file with config sections, or a built-in recipe name "
+                                                 f"({', '.join(recipe_names())}); flags override it")
+    add_debug_flag(p)
+
+
+def add_debug_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+
+def add_train_command(sub) -> None:
     train = sub.add_parser("train", help="fine-tune a model and evaluate it", allow_abbrev=False)
-    common(train)
+    add_config_file_flags(train)
     train.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     train.add_argument("--seeds", metavar="S,S,...", help="train once per seed into OUT/seed-S/ and summarise the spread "
                                                           "(seeds_summary.json: mean, std, bootstrap 95%% CI)")
     add_config_flags(train)
 
+
+def add_eval_command(sub) -> None:
     ev = sub.add_parser("eval", help="re-evaluate a saved model", allow_abbrev=False)
-    common(ev)
+    add_config_file_flags(ev)
     ev.add_argument("--model-dir", dest="model.name_or_path", default=argparse.SUPPRESS, metavar="DIR",
                     help="saved model folder (OUT/model)")
     add_config_flags(ev, only={p for p in field_paths() if p.startswith(("data.", "eval.", "output.output_dir"))
                                } | {"train.mixed_precision"})
 
+
+def add_predict_command(sub) -> None:
     pr = sub.add_parser("predict", help="predict labels for a JSONL/CSV file", allow_abbrev=False)
     pr.add_argument("--model-dir", required=True, metavar="DIR", help="saved model folder (OUT/model)")
     pr.add_argument("--input", required=True, metavar="FILE|-", help="JSONL or CSV with 'text' (and 'text_pair'); - for stdin")
     pr.add_argument("--output", metavar="FILE", help="write JSON lines here instead of stdout")
     pr.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default: 32)")
-    pr.add_argument("--quantize", metavar="int8", help="int8: dynamic int8 Linear layers on CPU (faster, see README)")
-    pr.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    pr.add_argument("--quantize", metavar="int8", help="int8: dynamic int8 Linear layers on CPU (faster; docs/adapters.md)")
+    add_debug_flag(pr)
 
+
+def add_export_command(sub) -> None:
     ex = sub.add_parser("export", help="write a standalone (optionally int8) model folder", allow_abbrev=False)
     ex.add_argument("--model-dir", required=True, metavar="DIR", help="saved model folder (OUT/model or OUT/model-merged)")
     ex.add_argument("--output-dir", required=True, metavar="DIR", help="folder to write (adapters merged, tokenizer included)")
     ex.add_argument("--quantize", metavar="int8", help="int8: int8 Linear weights via torchao (loading needs torchao)")
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
-    ex.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    add_debug_flag(ex)
 
+
+def add_data_command(sub) -> None:
     data = sub.add_parser("data", help="show what the training loop will see", allow_abbrev=False)
-    common(data)
+    add_config_file_flags(data)
     add_config_flags(data, only={p for p in field_paths() if p.startswith("data.")} | {
         "model.name_or_path", "train.batch_size", "train.seed"})
+
+
+def add_search_command(sub) -> None:
     se = sub.add_parser("search", help="hyperparameter search with Optuna (every train flag is fixed for all trials)",
                         allow_abbrev=False)
-    common(se)
-    se.add_argument("--search-space", metavar="FILE", help="YAML search space (default: the built-in one, see README)")
+    add_config_file_flags(se)
+    se.add_argument("--search-space", metavar="FILE", help="YAML search space (default: the built-in one; docs/experiments.md)")
     se.add_argument("--storage", metavar="URL", help="Optuna storage URL shared by workers (default: sqlite:///OUT/study.db)")
     se.add_argument("--study-name", default="tuneloop", metavar="NAME", help="study name in the storage (default: tuneloop)")
     se.add_argument("--n-trials", type=int, default=20, metavar="N",
@@ -113,18 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop trials whose per-epoch score is below the median of earlier trials (default: median)")
     add_config_flags(se, taken=("timeout",))  # --timeout is the search's; --launch.timeout stays
 
+
+def add_report_command(sub) -> None:
     re_ = sub.add_parser("report", help="write a self-contained report.html for a run, multi-seed or search folder",
                          allow_abbrev=False)
     re_.add_argument("run_dir", metavar="RUN_DIR")
     re_.add_argument("--output", metavar="FILE", help="where to write the HTML (default: RUN_DIR/report.html)")
-    re_.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    add_debug_flag(re_)
 
+
+def add_compare_command(sub) -> None:
     co = sub.add_parser("compare", help="do two multi-seed runs differ beyond their seed spread?", allow_abbrev=False)
     co.add_argument("run_a", metavar="RUN_A")
     co.add_argument("run_b", metavar="RUN_B")
     co.add_argument("--alpha", type=float, default=0.05, help="significance level of Welch's t-test (default: 0.05)")
-    co.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    return parser
+    add_debug_flag(co)
 
 
 def parse_config(args: argparse.Namespace) -> Config:
@@ -282,7 +314,7 @@ def _unknown_option_error(argv: list[str], command: str | None) -> None:
         if token.startswith("--"):
             name = token.split("=", 1)[0]
             if name not in known and name.replace("_", "-") not in known and name != "--help":
-                raise ConfigError(f"unknown option '{name}'{_suggest(name, known)}")
+                raise ConfigError(f"unknown option '{name}'{did_you_mean(name, known)}")
 
 
 def _dashed(token: str) -> str:
@@ -307,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0 if argv else 2
         if argv[0] not in COMMANDS:
-            raise ConfigError(f"unknown command '{argv[0]}'{_suggest(argv[0], COMMANDS)}; use one of {', '.join(COMMANDS)}")
+            raise ConfigError(f"unknown command '{argv[0]}'{did_you_mean(argv[0], COMMANDS)}; use one of {', '.join(COMMANDS)}")
         _unknown_option_error(argv[1:], argv[0])
         # Underscores are accepted as well as dashes: --learning_rate == --learning-rate.
         argv = [_dashed(a) for a in argv]

@@ -8,7 +8,6 @@ and validates values before any work starts.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from tuneloop.errors import ConfigError
+from tuneloop.naming import did_you_mean
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -107,7 +107,7 @@ class TrainConfig:
     epochs: int = _f(3, "number of passes over the training data")
     batch_size: int = _f(8, "examples per device per micro-batch")
     gradient_accumulation_steps: int = _f(1, "micro-batches accumulated into one optimizer step")
-    mixed_precision: Literal["no", "bf16", "fp16", "auto", "tf32"] = _f("auto", "autocast precision: no, bf16, fp16, tf32 (fp32 with TF32 matmuls on GPUs; no elsewhere), or auto (from device and model size: README \"Precision\")")
+    mixed_precision: Literal["no", "bf16", "fp16", "auto", "tf32"] = _f("auto", "autocast precision: no, bf16, fp16, tf32 (fp32 with TF32 matmuls on GPUs; no elsewhere), or auto (from device and model size: docs/precision.md)")
     gradient_checkpointing: bool | Literal["auto"] = _f(False, "recompute each layer's activations in backward instead "
                                                                "of keeping them (less memory, one more forward per "
                                                                "step); auto: only on CPUs with fast bf16, where it pays")
@@ -179,6 +179,8 @@ class PeftConfig:
 
 @dataclass
 class Config:
+    """The whole configuration, one dataclass per section: each field is a YAML key, a CLI flag and its default."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -236,11 +238,6 @@ def short_names() -> dict[str, str]:
     return names
 
 
-def _suggest(name: str, candidates: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def _resolve_type(tp: Any) -> Any:
     return typing.get_type_hints(tp) if isinstance(tp, type) else tp
 
@@ -264,7 +261,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}{_suggest(str(value), map(str, choices))}")
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}{did_you_mean(str(value), map(str, choices))}")
         return value
     if origin is list:
         (item,) = typing.get_args(tp)
@@ -310,7 +307,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     sections = {}
     for section, values in raw.items():
         if section not in SECTIONS:
-            hint = _suggest(section, SECTIONS)
+            hint = did_you_mean(section, SECTIONS)
             if section in short_names() and not hint:  # a section's own near-namesake first ('optimizer')
                 hint = f" (did you mean '{short_names()[section]}'?)"
             raise ConfigError(f"unknown config section '{section}'{hint}")
@@ -324,7 +321,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         kwargs = {}
         for key, value in values.items():
             if key not in known:
-                raise ConfigError(f"unknown config key '{section}.{key}'{_suggest(key, known)}")
+                raise ConfigError(f"unknown config key '{section}.{key}'{did_you_mean(key, known)}")
             kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
         if section == "data" and kwargs.get("dataset") and "task" not in kwargs:
             kwargs["task"] = None  # a dataset of one's own, not GLUE's MRPC (the default task)
@@ -360,7 +357,7 @@ def resolve_config_path(path: str | Path) -> Path:
         if (RECIPES_DIR / f"{p.name}.yaml").is_file():
             return RECIPES_DIR / f"{p.name}.yaml"
         raise ConfigError(f"config file not found: {p} (built-in recipes: {', '.join(recipe_names())})"
-                          f"{_suggest(p.name, recipe_names())}")
+                          f"{did_you_mean(p.name, recipe_names())}")
     raise ConfigError(f"config file not found: {p}")
 
 
@@ -390,10 +387,10 @@ def overrides_from_flags(flags: dict[str, Any], prefix: str = "--") -> dict[str,
         key = name.replace("-", "_")
         if "." not in key:
             if key not in shorts:
-                raise ConfigError(f"unknown option '{prefix}{name}'{_suggest(key, list(shorts) + list(paths))}")
+                raise ConfigError(f"unknown option '{prefix}{name}'{did_you_mean(key, list(shorts) + list(paths))}")
             key = shorts[key]
         elif key not in paths:
-            raise ConfigError(f"unknown option '{prefix}{name}'{_suggest(key, paths)}")
+            raise ConfigError(f"unknown option '{prefix}{name}'{did_you_mean(key, paths)}")
         section, fname = key.split(".")
         nested.setdefault(section, {})[fname] = value
     return nested
@@ -406,14 +403,35 @@ def load_config(path: str | Path | None = None, flags: dict[str, Any] | None = N
 
 
 def validate(config: Config) -> None:
-    """Value checks that need no data; each failure names the key."""
+    """Value checks that need no data, section by section; the first failure is raised and names its key."""
+    from tuneloop.tracking import check_report_to
+
+    validate_data(config.data)
+    validate_model(config.model)
+    validate_optim(config.optim)
+    validate_train(config.train)
+    validate_eval(config.eval)
+    validate_checkpoint(config.checkpoint)
+    check_report_to(config.output.report_to)
+    validate_launch(config.launch)
+    validate_peft(config)
+
+
+def _check_at_least_one(values: dict[str, int | None], message: str = "must be at least 1") -> None:
+    """Each `key: value` is at least 1; a None value is an unset option and passes."""
+    for key, value in values.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}: {message}, got {value}")
+
+
+def validate_data(d: DataConfig) -> None:
+    """One data source, a known task (normalised in place: 'SST-2' -> 'sst2'), positive lengths and sample caps."""
     from tuneloop.tasks import TASKS
 
-    d, o, t, e = config.data, config.optim, config.train, config.eval
     if d.task is not None:
         d.task = d.task.lower().replace("-", "")
         if d.task not in TASKS:
-            raise ConfigError(f"data.task: unknown task '{d.task}'{_suggest(d.task, TASKS)}; known: {', '.join(TASKS)}")
+            raise ConfigError(f"data.task: unknown task '{d.task}'{did_you_mean(d.task, TASKS)}; known: {', '.join(TASKS)}")
     elif not d.train_file and not d.validation_file and not d.test_file and not d.dataset:
         raise ConfigError("data.task is null, so give your own data with --train-file / --validation-file "
                           "or --dataset NAME")
@@ -423,23 +441,36 @@ def validate(config: Config) -> None:
         raise ConfigError("data.dataset_config/train_split/validation_split/test_split: only apply with --dataset NAME")
     if d.text_columns is not None and not 1 <= len(d.text_columns) <= 2:
         raise ConfigError(f"data.text_columns: give one or two columns, got {d.text_columns}")
-    positive = {
-        "data.max_length": d.max_length,
-        "train.epochs": t.epochs,
-        "train.batch_size": t.batch_size,
-        "train.gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "train.log_every": t.log_every,
-        "eval.eval_batch_size": e.eval_batch_size,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}: must be at least 1, got {value}")
-    for key, value in {"data.max_train_samples": d.max_train_samples, "data.max_eval_samples": d.max_eval_samples,
-                       "data.pad_to_multiple_of": d.pad_to_multiple_of}.items():
-        if value is not None and value < 1:
-            raise ConfigError(f"{key}: must be at least 1 (or null), got {value}")
+    _check_at_least_one({"data.max_length": d.max_length})
+    _check_at_least_one({"data.max_train_samples": d.max_train_samples, "data.max_eval_samples": d.max_eval_samples,
+                         "data.pad_to_multiple_of": d.pad_to_multiple_of}, "must be at least 1 (or null)")
+
+
+def validate_model(m: ModelConfig) -> None:
+    """Attention dropout in [0, 1) and an attention kernel that transformers (or tuneloop) provides."""
+    from transformers import AttentionInterface
+
+    from tuneloop.model import LEAN_ATTENTION
+
+    if m.reinit_layers < 0:  # more layers than the model has is checked at setup, with the model
+        raise ConfigError(f"model.reinit_layers: must not be negative, got {m.reinit_layers}")
+    if m.attention_dropout is not None and not 0 <= m.attention_dropout < 1:
+        raise ConfigError(f"model.attention_dropout: must be in [0, 1) or null, got {m.attention_dropout}")
+    named = ("sdpa", LEAN_ATTENTION)
+    kernels = ["sdpa", "eager", "lean", "auto", *(k for k in AttentionInterface._global_mapping if k not in named)]
+    if m.attn_implementation not in kernels:
+        raise ConfigError(f"model.attn_implementation: unknown attention '{m.attn_implementation}'"
+                          f"{did_you_mean(m.attn_implementation, kernels)}; one of {', '.join(kernels)}")
+
+
+def validate_optim(o: OptimConfig) -> None:
+    """AdamW's settings in range, warmup shorter than training, and a schedule transformers knows."""
+    from transformers.trainer_utils import SchedulerType
+
     if o.learning_rate <= 0:
         raise ConfigError(f"optim.learning_rate: must be positive, got {o.learning_rate}")
+    if o.layer_decay is not None and not 0 < o.layer_decay <= 1:
+        raise ConfigError(f"optim.layer_decay: must be in (0, 1] or null, got {o.layer_decay}")
     if o.weight_decay < 0:
         raise ConfigError(f"optim.weight_decay: must not be negative, got {o.weight_decay}")
     if not 0 <= o.adam_beta1 < 1 or not 0 <= o.adam_beta2 < 1:
@@ -452,39 +483,34 @@ def validate(config: Config) -> None:
         raise ConfigError(f"optim.warmup_ratio: must be in [0, 1) (warmup longer than training), got {o.warmup_ratio}")
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps: must not be negative, got {o.warmup_steps}")
-    dropout = config.model.attention_dropout
-    if dropout is not None and not 0 <= dropout < 1:
-        raise ConfigError(f"model.attention_dropout: must be in [0, 1) or null, got {dropout}")
-    from transformers import AttentionInterface
-
-    from tuneloop.model import LEAN_ATTENTION
-
-    named = ("sdpa", LEAN_ATTENTION)
-    kernels = ["sdpa", "eager", "lean", "auto", *(k for k in AttentionInterface._global_mapping if k not in named)]
-    if config.model.attn_implementation not in kernels:
-        raise ConfigError(f"model.attn_implementation: unknown attention '{config.model.attn_implementation}'"
-                          f"{_suggest(config.model.attn_implementation, kernels)}; one of {', '.join(kernels)}")
-    from transformers.trainer_utils import SchedulerType
-
     schedules = [s.value for s in SchedulerType]
     if o.lr_scheduler not in schedules:
-        raise ConfigError(f"optim.lr_scheduler: unknown schedule '{o.lr_scheduler}'{_suggest(o.lr_scheduler, schedules)}")
-    if config.checkpoint.checkpoint_every < 0:
-        raise ConfigError(f"checkpoint.checkpoint_every: must not be negative, got {config.checkpoint.checkpoint_every}")
-    if config.checkpoint.keep_last < 1:
-        raise ConfigError(f"checkpoint.keep_last: must be at least 1, got {config.checkpoint.keep_last}")
+        raise ConfigError(f"optim.lr_scheduler: unknown schedule '{o.lr_scheduler}'{did_you_mean(o.lr_scheduler, schedules)}")
+
+
+def validate_train(t: TrainConfig) -> None:
+    _check_at_least_one({"train.epochs": t.epochs, "train.batch_size": t.batch_size,
+                         "train.gradient_accumulation_steps": t.gradient_accumulation_steps,
+                         "train.log_every": t.log_every})
+
+
+def validate_eval(e: EvalConfig) -> None:
+    _check_at_least_one({"eval.eval_batch_size": e.eval_batch_size})
     if e.eval_every < 0:
         raise ConfigError(f"eval.eval_every: must not be negative, got {e.eval_every}")
-    if e.early_stopping_patience is not None and e.early_stopping_patience < 1:
-        raise ConfigError(f"eval.early_stopping_patience: must be at least 1 (or null), got {e.early_stopping_patience}")
-    from tuneloop.tracking import check_report_to
+    _check_at_least_one({"eval.early_stopping_patience": e.early_stopping_patience}, "must be at least 1 (or null)")
 
-    check_report_to(config.output.report_to)
-    la = config.launch
-    for key, value in {"launch.num_processes": la.num_processes, "launch.num_machines": la.num_machines,
-                       "launch.timeout": la.timeout}.items():
-        if value is not None and value < 1:
-            raise ConfigError(f"{key}: must be at least 1, got {value}")
+
+def validate_checkpoint(c: CheckpointConfig) -> None:
+    if c.checkpoint_every < 0:
+        raise ConfigError(f"checkpoint.checkpoint_every: must not be negative, got {c.checkpoint_every}")
+    _check_at_least_one({"checkpoint.keep_last": c.keep_last})
+
+
+def validate_launch(la: LaunchConfig) -> None:
+    """Process and machine counts, this machine's rank among them, and where machine 0 listens."""
+    _check_at_least_one({"launch.num_processes": la.num_processes, "launch.num_machines": la.num_machines,
+                         "launch.timeout": la.timeout})
     if not 0 <= la.machine_rank < la.num_machines:
         raise ConfigError(f"launch.machine_rank: must be in 0..{la.num_machines - 1} "
                           f"(launch.num_machines is {la.num_machines}), got {la.machine_rank}")
@@ -492,8 +518,6 @@ def validate(config: Config) -> None:
         raise ConfigError("launch.main_process_ip: several machines need the address of machine 0 (--main-process-ip)")
     if la.main_process_port is not None and not 0 < la.main_process_port < 65536:
         raise ConfigError(f"launch.main_process_port: must be a port number (1-65535), got {la.main_process_port}")
-    validate_peft(config)
-    validate_layer_options(config)
 
 
 def validate_peft(config: Config) -> None:
@@ -502,6 +526,9 @@ def validate_peft(config: Config) -> None:
         raise ConfigError(f"optim.head_learning_rate: must be positive or null, got {o.head_learning_rate}")
     if o.loraplus_lr_ratio is not None and o.loraplus_lr_ratio <= 0:
         raise ConfigError(f"optim.loraplus_lr_ratio: must be positive or null, got {o.loraplus_lr_ratio}")
+    if config.model.reinit_layers and p.method != "none":
+        raise ConfigError(f"model.reinit_layers: re-initialised layers must train, but --peft {p.method} "
+                          "freezes them; use 0 with adapters")
     if p.method == "none":
         if p.merge_adapter:
             raise ConfigError("peft.merge_adapter: there is no adapter to merge; add --peft lora (or adalora)")
@@ -529,14 +556,3 @@ def validate_peft(config: Config) -> None:
         raise ConfigError("peft.adalora_warmup_fraction/adalora_final_fraction: must be non-negative with a sum below 1, "
                           f"got {p.adalora_warmup_fraction} and {p.adalora_final_fraction}")
 
-
-def validate_layer_options(config: Config) -> None:
-    """Layer-wise decay, re-initialised top layers and frozen embeddings (the model's depth is checked at setup)."""
-    decay, reinit = config.optim.layer_decay, config.model.reinit_layers
-    if decay is not None and not 0 < decay <= 1:
-        raise ConfigError(f"optim.layer_decay: must be in (0, 1] or null, got {decay}")
-    if reinit < 0:
-        raise ConfigError(f"model.reinit_layers: must not be negative, got {reinit}")
-    if reinit and config.peft.method != "none":
-        raise ConfigError(f"model.reinit_layers: re-initialised layers must train, but --peft {config.peft.method} "
-                          "freezes them; use 0 with adapters")

@@ -95,16 +95,10 @@ def train_loop(run: Run) -> dict[str, float]:
     optimizer, scheduler, sampler = run.optimizer, run.scheduler, run.train_sampler
     accumulation = cfg.train.gradient_accumulation_steps
     processes = accelerator.num_processes
-    # Redirected to a file (nohup, a cluster job), redrawing every 0.1 s would flood the log: every 30 s there.
-    progress = tqdm(total=run.num_training_steps, initial=state.step, desc="train", unit="step",
-                    disable=not accelerator.is_main_process, dynamic_ncols=True,
-                    mininterval=0.1 if sys.stderr.isatty() else 30)
+    progress = progress_bar(run)
     # Loss since the last log line, NaN checks and stop signals stay on the device: no host read except on
-    # logging steps, before checkpoints and at epoch ends (tuneloop.guard). (A resumed run starts from the
-    # sums saved with the checkpoint, so its log lines match.)
-    pending = state.pending_loss if accelerator.is_main_process else (0.0, 0.0)
-    loss_sum = torch.tensor(pending[0], device=accelerator.device, dtype=torch.float64)
-    loss_count = torch.tensor(pending[1], device=accelerator.device, dtype=torch.float64)
+    # logging steps, before checkpoints and at epoch ends (tuneloop.guard).
+    loss_sum, loss_count = unlogged_loss(run)
     guard = StepGuard(accelerator, optimizer, cfg.train.nan_policy, run.num_training_steps // max(cfg.train.epochs, 1))
     window_loss, window_count = torch.zeros((), device=accelerator.device, dtype=torch.float64), 0
     last_log_time, last_log_samples = time.perf_counter(), state.samples_seen
@@ -152,10 +146,7 @@ def train_loop(run: Run) -> dict[str, float]:
             # Signals are agreed on logging steps; one process alone needs no agreement and stops at once.
             stop = guard.read(run) if log_step or (run.stop.requested and processes == 1) else False
             if log_step:
-                total_loss, total_count = pending_loss(accelerator, loss_sum, loss_count)
-                train_loss = total_loss / total_count if total_count > 0 else math.nan
-                loss_sum.zero_()
-                loss_count.zero_()
+                train_loss = take_mean_loss(accelerator, loss_sum, loss_count)
                 now, lr = time.perf_counter(), scheduler.get_last_lr()[0]
                 run.log({"type": "train", "step": state.step, "epoch": state.epoch + state.batch_in_epoch / len(sampler),
                          "loss": train_loss, "lr": lr, "skipped_steps": state.skipped_steps,
@@ -196,6 +187,34 @@ def train_loop(run: Run) -> dict[str, float]:
     if not results and run.eval_dataloaders:  # resumed from the final checkpoint: nothing left to train
         results = run_evaluation(run)
     return results
+
+
+def progress_bar(run: Run) -> tqdm:
+    """The optimizer-step bar, drawn by the main process only."""
+    # Redirected to a file (nohup, a cluster job), redrawing every 0.1 s would flood the log: every 30 s there.
+    return tqdm(total=run.num_training_steps, initial=run.state.step, desc="train", unit="step",
+                disable=not run.accelerator.is_main_process, dynamic_ncols=True,
+                mininterval=0.1 if sys.stderr.isatty() else 30)
+
+
+def unlogged_loss(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss sum and count not yet logged, as device tensors the loop adds to.
+
+    A resumed run starts from the sums saved with its checkpoint (all processes together, so the main process
+    holds them), and its log lines match an uninterrupted run's.
+    """
+    pending = run.state.pending_loss if run.accelerator.is_main_process else (0.0, 0.0)
+    device = run.accelerator.device
+    return (torch.tensor(pending[0], device=device, dtype=torch.float64),
+            torch.tensor(pending[1], device=device, dtype=torch.float64))
+
+
+def take_mean_loss(accelerator, loss_sum: torch.Tensor, loss_count: torch.Tensor) -> float:
+    """Mean training loss since the last log line, over all processes; the sums start again from zero."""
+    total_loss, total_count = pending_loss(accelerator, loss_sum, loss_count)
+    loss_sum.zero_()
+    loss_count.zero_()
+    return total_loss / total_count if total_count > 0 else math.nan
 
 
 def pending_loss(accelerator, loss_sum: torch.Tensor, loss_count: torch.Tensor) -> tuple[float, float]:

@@ -19,8 +19,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tuneloop.config import Config, _suggest, config_from_dict, field_paths, short_names
+from tuneloop.config import Config, config_from_dict, field_paths, short_names
 from tuneloop.errors import ConfigError, TuneloopError
+from tuneloop.naming import did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def parse_space(raw: Any, source: str = "search space") -> dict[str, dict[str, A
     for name, spec in raw.items():
         path = shorts.get(str(name), str(name))
         if path not in paths:
-            raise ConfigError(f"{source}: unknown parameter '{name}'{_suggest(str(name), list(paths) + list(shorts))}")
+            raise ConfigError(f"{source}: unknown parameter '{name}'{did_you_mean(str(name), list(paths) + list(shorts))}")
         if path in NOT_SEARCHABLE:
             raise ConfigError(f"{source}: '{path}' cannot be searched (it is fixed for the whole study)")
         if isinstance(spec, list):
@@ -205,13 +206,43 @@ def search(base: Config, space_file: str | None = None, storage: str | None = No
     out.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{out / 'study.db'}"
     main_metric = load_raw(base.data, need_train=False).main_metric
-    rdb = open_storage(url)
-    study = optuna.create_study(storage=rdb, study_name=study_name, direction="maximize", load_if_exists=True,
+    study = open_study(url, study_name, pruner, main_metric)
+    done = count_finished(study)
+    if done >= n_trials:
+        print(f"tuneloop: study '{study_name}' already holds {done} finished trials (--n-trials {n_trials})", flush=True)
+    else:
+        print(f"tuneloop: study '{study_name}' in {_masked(url)}: {done} of {n_trials} trials finished; "
+              f"objective {main_metric} (maximise)", flush=True)
+        stop = optuna.study.MaxTrialsCallback(n_trials, states=tuple(getattr(optuna.trial.TrialState, s)
+                                                                     for s in FINISHED_STATES))
+        try:
+            study.optimize(trial_objective(base, space, out, main_metric), timeout=timeout, catch=(Exception,),
+                           callbacks=[stop])
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: still write what the study holds, then stop
+            from tuneloop.signals import Interrupted
+
+            write_results(study, base, space, out, url, main_metric, require_complete=False)
+            raise Interrupted(f"search stopped by a signal; the study is in {_masked(url)}: "
+                              f"run the same command to continue it") from None
+    return write_results(study, base, space, out, url, main_metric)
+
+
+def open_study(url: str, study_name: str, pruner: str, main_metric: str):
+    """Create the study in the storage, or load it to continue; it maximises `main_metric`."""
+    optuna = _optuna()
+    study = optuna.create_study(storage=open_storage(url), study_name=study_name, direction="maximize",
+                                load_if_exists=True,
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=2) if pruner == "median"
                                 else optuna.pruners.NopPruner())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # experimental in Optuna; names the value column in its plots
         study.set_metric_names([main_metric])
+    return study
+
+
+def trial_objective(base: Config, space: dict[str, Any], out: Path, main_metric: str):
+    """The objective: one trial trains `base` with the trial's parameters into OUT/trial-NNNN/."""
+    optuna = _optuna()
     from tuneloop.recipe import train
 
     def objective(trial) -> float:
@@ -237,23 +268,7 @@ def search(base: Config, space_file: str | None = None, storage: str | None = No
             raise
         return float(results[main_metric])
 
-    done = count_finished(study)
-    if done >= n_trials:
-        print(f"tuneloop: study '{study_name}' already holds {done} finished trials (--n-trials {n_trials})", flush=True)
-    else:
-        print(f"tuneloop: study '{study_name}' in {_masked(url)}: {done} of {n_trials} trials finished; "
-              f"objective {main_metric} (maximise)", flush=True)
-        stop = optuna.study.MaxTrialsCallback(n_trials, states=tuple(getattr(optuna.trial.TrialState, s)
-                                                                     for s in FINISHED_STATES))
-        try:
-            study.optimize(objective, timeout=timeout, catch=(Exception,), callbacks=[stop])
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: still write what the study holds, then stop
-            from tuneloop.signals import Interrupted
-
-            write_results(study, base, space, out, url, main_metric, require_complete=False)
-            raise Interrupted(f"search stopped by a signal; the study is in {_masked(url)}: "
-                              f"run the same command to continue it") from None
-    return write_results(study, base, space, out, url, main_metric)
+    return objective
 
 
 def write_results(study, base: Config, space: dict[str, Any], out: Path, url: str, main_metric: str,

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from tuneloop.errors import ConfigError, TuneloopError
+from tuneloop.naming import dotted_keys
 
 SUMMARY = "seeds_summary.json"
 BOOTSTRAP_RESAMPLES = 10_000
@@ -92,12 +93,12 @@ def _finished_with_same_config(folder: Path, config) -> bool:
     """A finished run whose settings equal `config`'s, except those that do not change results."""
     import yaml
 
-    from tuneloop.checkpoint import RESUME_SAFE, _flatten
+    from tuneloop.checkpoint import RESUME_SAFE
 
     if not ((folder / "eval_results.json").is_file() and (folder / "model").is_dir() and (folder / "config.yaml").is_file()):
         return False
-    saved = _flatten(yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")))
-    wanted = _flatten(config.to_dict())
+    saved = dotted_keys(yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")))
+    wanted = dotted_keys(config.to_dict())
     return all(saved.get(k) == v for k, v in wanted.items() if k not in RESUME_SAFE)
 
 

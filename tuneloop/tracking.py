@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tuneloop.errors import ConfigError, TuneloopError
+from tuneloop.naming import did_you_mean, dotted_keys
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 # The Python module each tracker needs, and what to install for it.
@@ -72,12 +73,10 @@ def check_report_to(names: list[str]) -> None:
     """Validate `output.report_to`; naming a tracker whose package is missing is one line saying what to install."""
     import importlib.util
 
-    from tuneloop.config import _suggest
-
     allowed = ("auto", "none", *TRACKERS)
     for name in names:
         if name not in allowed:
-            raise ConfigError(f"output.report_to: unknown tracker '{name}'{_suggest(name, allowed)}; "
+            raise ConfigError(f"output.report_to: unknown tracker '{name}'{did_you_mean(name, allowed)}; "
                               f"one of {', '.join(allowed)}")
         if name in TRACKERS and importlib.util.find_spec(TRACKER_MODULES[name]) is None:
             raise ConfigError(f"output.report_to: {name} is not installed (pip install {TRACKER_INSTALL[name]})")
@@ -110,9 +109,7 @@ def start_trackers(accelerator, config, metrics_log: MetricsLog) -> None:
     """Open the configured trackers (TensorBoard/MLflow write under the output folder) and fan the log out to them."""
     if not accelerator.log_with:
         return
-    from tuneloop.checkpoint import _flatten
-
-    flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flatten(config.to_dict()).items()}
+    flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in dotted_keys(config.to_dict()).items()}
     try:
         out = Path(config.output.output_dir)
         # Runs are named after their output folder in every tracker's UI (MLflow would pick a random name).
