@@ -105,3 +105,31 @@ def load_weights(path) -> dict:
         head, _, last = key.rpartition(".")
         out[f"{head}.{legacy[last]}" if "LayerNorm" in head and last in legacy else key] = value
     return out
+
+
+@pytest.fixture
+def tuneloop_log(caplog, monkeypatch):
+    """caplog for tuneloop's warnings, which `cli.main` keeps from propagating to the root logger."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("tuneloop"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="tuneloop")
+    return caplog
+
+
+# Hypothesis profiles for tests/test_fuzz.py: `ci` (the default) runs ~2,000 examples in about two minutes;
+# HYPOTHESIS_PROFILE=quick for a smoke run, =thorough for ten times as many.
+FUZZ_SCALE = {"ci": 1.0, "quick": 0.05, "thorough": 10.0}
+FUZZ_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+try:
+    from hypothesis import settings as _hypothesis_settings
+
+    for _name in FUZZ_SCALE:
+        _hypothesis_settings.register_profile(_name, deadline=None, print_blob=True)
+    _hypothesis_settings.load_profile(FUZZ_PROFILE if FUZZ_PROFILE in FUZZ_SCALE else "ci")
+except ImportError:  # only test_fuzz.py needs it
+    pass
+
+
+def fuzz_examples(ci_count: int) -> int:
+    return max(1, int(ci_count * FUZZ_SCALE.get(FUZZ_PROFILE, 1.0)))

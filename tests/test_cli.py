@@ -81,19 +81,19 @@ def test_bad_inputs_end_in_one_line(tiny_model_dir, mrpc_slice, tmp_path, capsys
     out = str(tmp_path / "o")
     good = tmp_path / "good.csv"
     good.write_text("text,label\nfine film,pos\nbad film,neg\n")
-    _one_line_error(capsys, 1, ["train", "--model", m, "--task", "null", "--train-file", str(tmp_path / "missing.csv"),
+    _one_line_error(capsys, 1, ["train", "--model", m, "--train-file", str(tmp_path / "missing.csv"),
                                 "--output-dir", out], "train file not found")
     nolabel = tmp_path / "nolabel.csv"
     nolabel.write_text("text\nx\n")
-    _one_line_error(capsys, 1, ["train", "--model", m, "--task", "null", "--train-file", str(nolabel), "--output-dir", out],
+    _one_line_error(capsys, 1, ["train", "--model", m, "--train-file", str(nolabel), "--output-dir", out],
                     "missing label column")
     empty = tmp_path / "empty.csv"
     empty.write_text("text,label\n")
-    _one_line_error(capsys, 1, ["train", "--model", m, "--task", "null", "--train-file", str(good),
+    _one_line_error(capsys, 1, ["train", "--model", m, "--train-file", str(good),
                                 "--validation-file", str(empty), "--output-dir", out], "validation split is empty")
     odd = tmp_path / "odd.csv"
     odd.write_text("text,label\nhmm,maybe\n")
-    _one_line_error(capsys, 1, ["train", "--model", m, "--task", "null", "--train-file", str(good),
+    _one_line_error(capsys, 1, ["train", "--model", m, "--train-file", str(good),
                                 "--validation-file", str(odd), "--output-dir", out], "label 'maybe' is not in the label set")
     _one_line_error(capsys, 1, ["train", "--model", str(tmp_path / "no-model"), "--data-dir", str(mrpc_slice),
                                 "--output-dir", out], "model path does not exist")
@@ -114,7 +114,7 @@ def test_failed_run_leaves_an_existing_run_untouched(trained, tiny_model_dir, ca
 
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(Exception, match="train file not found"):
-        main(["train", "--task", "null", "--train-file", str(tmp_path / "x.csv"), "--debug"])
+        main(["train", "--train-file", str(tmp_path / "x.csv"), "--debug"])
 
 
 def test_help_names_value_types_plainly(capsys):
@@ -124,3 +124,10 @@ def test_help_names_value_types_plainly(capsys):
     text = capsys.readouterr().out
     assert "--max-length INT" in text and "--learning-rate FLOAT" in text and "--max-train-samples INT | NONE" in text
     assert "<CLASS" not in text.upper()
+
+
+def test_control_characters_in_flags_stay_on_the_error_line(capsys):
+    """Found by tests/test_fuzz.py: a value with \\x1e (a line break to str.splitlines) split the error line."""
+    assert main(["train", "--name", "\x1e", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("tuneloop: error: ") and "\\x1e" in err

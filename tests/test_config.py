@@ -132,3 +132,76 @@ def test_config_in_code_is_short_and_checked_like_the_flags():
         Config.from_dict({"train": {"epoch": 1}})
     with pytest.raises(ConfigError, match="train.batch_size: must be at least 1"):
         config.replace(batch_size=0)
+
+
+@pytest.mark.parametrize("text, path, expected", [
+    ("checkpoint:\n  resume: false\n", "checkpoint.resume", None),  # before: the string "False"
+    ("checkpoint:\n  resume: true\n", "checkpoint.resume", "latest"),
+    ("checkpoint:\n  resume: null\n", "checkpoint.resume", None),
+    ("output:\n  overwrite: false\n", "output.overwrite", False),
+    ("optim:\n  max_grad_norm: null\n", "optim.max_grad_norm", None),
+    ("train:\n  gradient_checkpointing: true\n", "train.gradient_checkpointing", True),
+    ("train:\n  compile: false\n", "train.compile", False),
+])
+def test_yaml_booleans_and_nulls_are_read_as_such(tmp_path, text, path, expected):
+    (tmp_path / "c.yaml").write_text(text)
+    section, name = path.split(".")
+    assert getattr(getattr(load_config(tmp_path / "c.yaml"), section), name) == expected
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"output": {"push_to_hub": False}}, "output.push_to_hub: expected a string, got false"),
+    ({"data": {"task": True}}, "data.task: expected a string, got true"),
+    ({"data": {"text_columns": [None]}}, "data.text_columns: expected a string, got null"),
+    ({"model": {"attn_implementation": None}}, "model.attn_implementation: expected a string, got null"),
+    ({"optim": {"learning_rate": float("nan")}}, "optim.learning_rate: expected a finite number, got nan"),
+    ({"optim": {"max_grad_norm": float("inf")}}, "optim.max_grad_norm: expected a finite number"),
+    ({"train": {"epochs": True}}, "train.epochs: expected an integer, got true"),
+    ({"train": {"mixed_precision": False}}, "train.mixed_precision: false is not one of"),
+    ({"data": {1: 2}}, "unknown config key 'data.1'"),
+])
+def test_yaml_booleans_and_nulls_never_become_strings(raw, message):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(raw)
+    assert message in str(e.value)
+
+
+def test_own_files_without_task_are_a_task_of_ones_own(tmp_path):
+    assert Config.from_flags(train_file="reviews.csv").data.task is None  # before: mrpc
+    assert Config.from_flags(validation_file="dev.csv").data.task is None
+    assert Config.from_flags(train_file="reviews.csv", task="sst2").data.task == "sst2"
+    assert Config.from_flags(data_dir="glue/MRPC").data.task == "mrpc"
+
+
+def test_given_records_what_the_user_set_not_the_recipe(tmp_path):
+    c = Config.from_flags("fast", learning_rate=3e-5)
+    assert c.optim.learning_rate == 3e-5 and c.train.batch_size == 32
+    assert c.given == {"optim.learning_rate"}
+    (tmp_path / "mine.yaml").write_text("train:\n  epochs: 1\n")
+    assert load_config(tmp_path / "mine.yaml", {"seed": "3"}).given == {"train.epochs", "train.seed"}
+    assert c.replace(epochs=1).given == {"optim.learning_rate", "train.epochs"}
+
+
+def test_yaml_with_a_control_character_is_one_line(tmp_path):
+    """Found by tests/test_fuzz.py: PyYAML's reader error spans two lines."""
+    (tmp_path / "c.yaml").write_bytes(b"\x1f")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "c.yaml")
+    assert "\n" not in str(e.value) and "not valid YAML: special characters are not allowed" in str(e.value)
+
+
+@pytest.mark.parametrize("path", sorted(__import__("tuneloop.config", fromlist=["field_paths"]).field_paths()))
+@pytest.mark.parametrize("value", [True, False, None])
+def test_every_field_reads_yaml_booleans_and_nulls_as_such(path, value):
+    """For each field: a YAML true/false/null is kept as the boolean or null (or its flag's meaning), or refused;
+    it never becomes the text 'True', 'False' or 'None'."""
+    section, name = path.split(".")
+    try:
+        config = config_from_dict({section: {name: value}})
+    except ConfigError:
+        return
+    got = getattr(getattr(config, section), name)
+    assert got not in ("True", "False", "None", "true", "false", "null")
+    assert got == value or (path == "checkpoint.resume" and got == "latest" and value is True) \
+        or (path == "checkpoint.resume" and got is None and value is False) \
+        or (path == "data.task" and value is None and got is None)

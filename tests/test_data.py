@@ -104,7 +104,7 @@ def test_user_pairs_and_regression_inferred(tmp_path):
     (lambda p: None, "train file not found"),
     (lambda p: p.write_text("q,other\nx,1\n"), "missing label column 'sentiment'"),
     (lambda p: p.write_text("text,sentiment\n"), "train split is empty"),
-    (lambda p: p.write_bytes(b"\xff\xfe\x00bad,\x00"), "cannot read train file"),
+    (lambda p: p.write_bytes(b"text,label\n\xe9t\xe9,1\n"), "cannot read train file .* not UTF-8 text"),  # Latin-1
 ])
 def test_bad_user_files(tmp_path, make, message):
     path = tmp_path / "train.csv"
@@ -372,3 +372,91 @@ def test_dataset_split_choice():
                                         r"--train-split\)$"):
         pick_splits(cfg, ["test"])
     assert pick_splits(cfg, ["test"], need_train=False) == {"test": "test"}  # tuneloop eval / data
+
+
+def test_tokenisation_cache_key_depends_on_row_order(tiny_model_dir, tmp_path):
+    # Before: the key summed row hashes, so a reordered validation file reused the old order's tokens.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [("a short one", "neg"), ("a somewhat longer sentence here", "pos"), ("mid length text", "neg")]
+    cfg = DataConfig(task=None, cache_dir=str(tmp_path / "cache"), max_length=32,
+                     train_file=str(tmp_path / "t.csv"), validation_file=str(tmp_path / "v.csv"))
+    for name, order in (("first", rows), ("reversed", rows[::-1])):
+        text = "text,label\n" + "".join(f"{t},{y}\n" for t, y in order)
+        (tmp_path / "t.csv").write_text(text)
+        (tmp_path / "v.csv").write_text(text)
+        raw = load_raw(cfg)
+        got = tokenize_splits(raw, tok, cfg)["validation"]
+        assert [tok.decode(ids, skip_special_tokens=True) for ids in got["input_ids"]] == [t for t, _ in order]
+        assert got["labels"] == [1 if y == "pos" else 0 for _, y in order]
+
+
+def test_own_files_train_without_task_flag(tmp_path, tiny_model_dir, capsys):
+    """The issue's command: pos/neg labels, --train-file without --task (before: 'label 'pos' is not in the
+    label set ['not_equivalent', 'equivalent']')."""
+    from tuneloop.cli import main
+
+    rows = "".join(f"review number {i} was {'great' if i % 2 else 'awful'},{'pos' if i % 2 else 'neg'}\n"
+                   for i in range(12))
+    (tmp_path / "reviews.csv").write_text("text,label\n" + rows)
+    (tmp_path / "dev.csv").write_text("text,label\n" + rows)
+    code = main(["train", "--model", str(tiny_model_dir), "--train-file", str(tmp_path / "reviews.csv"),
+                 "--validation-file", str(tmp_path / "dev.csv"), "--text-columns", "text", "--label-column", "label",
+                 "--epochs", "1", "--output-dir", str(tmp_path / "out"), "--mixed-precision", "no",
+                 "--report-to", "none"])
+    assert code == 0, capsys.readouterr().err
+    saved = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
+    assert saved["id2label"] == {"0": "neg", "1": "pos"}
+
+
+@pytest.mark.parametrize("pair, max_length, special", [(False, 2, 2), (True, 3, 3)])
+def test_max_length_with_no_room_for_text_is_one_line(tiny_model_dir, tmp_path, pair, max_length, special):
+    """Found by tests/test_fuzz.py: max_length 1 returned inputs longer than max_length (the special tokens)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    (tmp_path / "t.csv").write_text("text,text_pair,label\na b,c d,x\ne f,g h,y\n")
+    cfg = DataConfig(task=None, train_file=str(tmp_path / "t.csv"), text_columns=["text", "text_pair"][:1 + pair],
+                     max_length=max_length, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=f"data.max_length {max_length} leaves no room for text: the tokenizer adds "
+                                        f"{special} special tokens"):
+        tokenize_splits(load_raw(cfg), tok, cfg)
+    ok = DataConfig(**{**cfg.__dict__, "max_length": special + 1})
+    assert max(tokenize_splits(load_raw(ok), tok, ok)["train"]["length"]) == special + 1
+
+
+def test_null_text_in_json_lines_is_empty_text(tmp_path, tiny_model_dir):
+    """Found by tests/test_fuzz.py: a JSON null (or a row without the key) reached the tokenizer as NaN."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"text": "fine", "label": "a"}\n{"text": null, "label": "b"}\n{"label": "a"}\n')
+    cfg = DataConfig(task=None, train_file=str(path), cache_dir=str(tmp_path / "cache"))
+    raw = load_raw(cfg)
+    assert raw.splits["train"]["text"].tolist() == ["fine", "", ""]
+    tokenized = tokenize_splits(raw, AutoTokenizer.from_pretrained(tiny_model_dir), cfg)
+    assert tokenized["train"]["length"] == [3, 2, 2]
+
+
+@pytest.mark.parametrize("suffix, encoding", [(".tsv", "utf-16"), (".csv", "utf-8-sig"), (".jsonl", "utf-8-sig"),
+                                              (".json", "utf-16")])
+def test_byte_order_marks_and_utf16_are_read(tmp_path, suffix, encoding):
+    """Found by tests/test_fuzz.py: a UTF-16 file (Excel's "Unicode text" export) and a JSON file with a UTF-8 BOM
+    could not be read."""
+    rows = [{"text": "café", "label": "pos"}, {"text": "naïve", "label": "neg"}]
+    df = pd.DataFrame(rows)
+    text = {".tsv": lambda: df.to_csv(sep="\t", index=False), ".csv": lambda: df.to_csv(index=False),
+            ".jsonl": lambda: df.to_json(orient="records", lines=True, force_ascii=False),
+            ".json": lambda: "\n " + df.to_json(orient="records", force_ascii=False)}[suffix]()
+    path = tmp_path / f"train{suffix}"
+    path.write_bytes(text.encode(encoding))
+    raw = load_raw(DataConfig(task=None, train_file=str(path)))
+    assert raw.splits["train"]["text"].tolist() == ["café", "naïve"] and raw.label_names == ["neg", "pos"]
+
+
+def test_other_encodings_name_the_fix(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_bytes("text,label\ncafé,pos\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"is not UTF-8 text \(invalid continuation byte at byte 14\); save it as UTF-8"):
+        load_raw(DataConfig(task=None, train_file=str(path)))

@@ -94,3 +94,17 @@ def test_the_run_records_the_resolved_values(monkeypatch, tiny_model_dir, mrpc_s
             saved["model"]["attn_implementation"], saved["model"]["dropout_masks"]) == ("no", False, "lean", "fast")
     ckpt = next((tmp_path / "run" / "checkpoints").iterdir())
     assert yaml.safe_load((ckpt / "config.yaml").read_text())["train"]["gradient_checkpointing"] is False
+
+
+def test_a_setting_the_device_cannot_honour_says_so(monkeypatch, tuneloop_log):
+    caplog = tuneloop_log
+    _cpu(monkeypatch, False)
+    c = load_config(None, {"mixed_precision": "tf32", "dropout_masks": "fast"})
+    r = resolve_for_device(c, "cpu")
+    assert r.train.mixed_precision == "tf32" and "tf32 uses a GPU's TF32 matmuls; on this cpu device" in caplog.text
+    caplog.clear()
+    resolve_for_device(c, "cuda")
+    assert "model.dropout_masks fast applies on CPUs; on this cuda device" in caplog.text
+    caplog.clear()
+    resolve_for_device(load_config("fast"), "cpu")  # every auto resolves to what this device honours
+    assert caplog.text == ""

@@ -219,3 +219,29 @@ def test_layer_depths_of_bert_names():
     assert layer_depth("bert.encoder.layer.5.output.dense.bias", stack, 6) == 6
     assert layer_depth("bert.pooler.dense.weight", stack, 6) == 7
     assert layer_depth("classifier.weight", stack, 6) == 7
+
+
+def test_max_length_above_the_position_embeddings_is_capped_before_training(tiny_model_dir, tmp_path, capsys):
+    """Before: --max-length 256 on a model with 128 positions crashed at the first batch
+    (IndexError on a CPU, a device-side assert on a GPU)."""
+    from tuneloop.cli import main
+
+    long = " ".join(f"word{i}" for i in range(300))
+    (tmp_path / "t.csv").write_text("text,label\n" + "".join(f"{long} {i},{i % 2}\n" for i in range(8)))
+    code = main(["train", "--model", str(tiny_model_dir), "--train-file", str(tmp_path / "t.csv"),
+                 "--validation-file", str(tmp_path / "t.csv"), "--max-length", "256", "--epochs", "1",
+                 "--output-dir", str(tmp_path / "out"), "--mixed-precision", "no", "--report-to", "none"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    warning = "data.max_length 256 is above the 128 positions of model"
+    assert err.count(warning) == 1 and "truncated at 128 instead" in err
+    assert "max_length: 128" in (tmp_path / "out" / "config.yaml").read_text()
+
+
+def test_position_limit_of_roberta_counts_the_padding_offset():
+    from transformers import BertConfig, RobertaConfig
+
+    from tuneloop.model import position_limit
+
+    assert position_limit(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+    assert position_limit(BertConfig(max_position_embeddings=512)) == 512

@@ -141,3 +141,26 @@ def test_failed_trials_are_recorded_and_the_study_goes_on(tiny_model_dir, mrpc_s
     assert err[-1].startswith("tuneloop: error: no trial of study 'tuneloop' completed; first error: ConfigError: ")
     assert "Traceback" not in "\n".join(err)
     assert "error" in (out / "trials.csv").read_text().splitlines()[0].split(",")
+
+
+def test_a_setting_given_on_the_command_line_is_never_silently_resampled(tuneloop_log):
+    caplog = tuneloop_log
+    """Before: `tuneloop search --learning-rate 1e-4` sampled learning_rate anyway (the built-in space has it)."""
+    from tuneloop.config import Config
+    from tuneloop.errors import ConfigError
+    from tuneloop.search import DEFAULT_SPACE, load_space, respect_given
+
+    base = Config.from_flags(learning_rate=1e-4, epochs=2)
+    space = respect_given(load_space(None), base, None)
+    assert set(space) == set(DEFAULT_SPACE) - {"optim.learning_rate", "train.epochs"}
+    assert "search: optim.learning_rate stays at 0.0001 as you set it" in caplog.text
+    caplog.clear()
+    # Their own space names it: the space wins, and says so.
+    assert "optim.learning_rate" in respect_given(dict(DEFAULT_SPACE), base, "space.yaml")
+    assert "optim.learning_rate is sampled from the search space space.yaml, so your setting 0.0001" in caplog.text
+    for flags, message in (({"resume": "latest"}, "checkpoint.resume: does not apply to tuneloop search"),
+                           ({"push_to_hub": "me/model"}, "output.push_to_hub: does not apply")):
+        with pytest.raises(ConfigError, match=message):
+            respect_given(load_space(None), Config.from_flags(**flags), None)
+    # The recipe's values are not the user's: --config fast's learning rate is still searched.
+    assert "optim.learning_rate" in respect_given(load_space(None), Config.from_flags("fast"), None)

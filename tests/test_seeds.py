@@ -97,3 +97,11 @@ def test_compare_says_whether_runs_differ_beyond_their_spread(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (f"tuneloop: error: compare: {single} holds no multi-seed run "
                                                f"(seeds_summary.json missing) (a single run: train it with "
                                                f"--seeds 0,1,2 to measure its spread)")
+
+
+def test_seed_and_seeds_together_is_one_line(tiny_model_dir, mrpc_slice, tmp_path, capsys):
+    """Before: --seed 3 --seeds 0,1 trained seeds 0 and 1 and dropped the 3 without a word."""
+    assert main(tiny_args(tiny_model_dir, mrpc_slice, tmp_path / "out", "--seed", "3", "--seeds", "0,1")) == 2
+    assert capsys.readouterr().err.strip() == ("tuneloop: error: train.seed: --seeds sets each run's seed, so --seed 3 "
+                                               "would apply to none; drop one of them")
+    assert not (tmp_path / "out").exists()

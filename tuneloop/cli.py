@@ -1,4 +1,4 @@
-"""Command line: `tuneloop train | eval | predict | export | data`. Config flags are generated from the dataclasses."""
+"""Command line: `tuneloop train | eval | predict | export | serve | data | ...`. Config flags are generated from the dataclasses."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 from tuneloop import launch
 from tuneloop.config import (SECTIONS, Config, ConfigError, field_paths, load_config, recipe_names,
                              short_names)
-from tuneloop.errors import TuneloopError
+from tuneloop.errors import TuneloopError, one_line
 from tuneloop.naming import did_you_mean
 
 # Options that belong to the command, not to the config.
@@ -52,6 +52,21 @@ def add_config_flags(parser: argparse.ArgumentParser, only: set[str] | None = No
             group.add_argument(*names, **kwargs)
 
 
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """`tuneloop serve`'s flags, one per ServeSettings field (its defaults are the flags' defaults)."""
+    from tuneloop.serve import ServeSettings
+
+    hints = typing.get_type_hints(ServeSettings)
+    for f in dataclasses.fields(ServeSettings):
+        kwargs: dict[str, Any] = dict(dest=f"serve.{f.name}", help=f"{f.metadata['help']} (default: {f.default})")
+        if hints[f.name] is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            kind = typing.get_args(hints[f.name])[0] if typing.get_args(hints[f.name]) else hints[f.name]
+            kwargs.update(type=kind, default=f.default, metavar=f.metadata["metavar"] or kind.__name__.upper())
+        parser.add_argument(f"--{f.name.replace('_', '-')}", required=f.name == "model_dir", **kwargs)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         raise ConfigError(message)
@@ -60,12 +75,13 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="tuneloop", allow_abbrev=False,
                     description="Fine-tune and evaluate Hugging Face sequence classifiers with one visible loop.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,predict,export,data,search,report,compare}",
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,predict,export,serve,data,search,report,compare}",
                                 parser_class=Parser)
     add_train_command(sub)
     add_eval_command(sub)
     add_predict_command(sub)
     add_export_command(sub)
+    add_serve_command(sub)
     add_data_command(sub)
     add_search_command(sub)
     add_report_command(sub)
@@ -109,6 +125,8 @@ def add_predict_command(sub) -> None:
     pr.add_argument("--output", metavar="FILE", help="write JSON lines here instead of stdout")
     pr.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default: 32)")
     pr.add_argument("--quantize", metavar="int8", help="int8: dynamic int8 Linear layers on CPU (faster; docs/adapters.md)")
+    pr.add_argument("--runtime", default="torch", metavar="torch|onnx",
+                    help="torch, or onnx: ONNX Runtime on a folder from export --format onnx (default: torch)")
     add_debug_flag(pr)
 
 
@@ -116,9 +134,19 @@ def add_export_command(sub) -> None:
     ex = sub.add_parser("export", help="write a standalone (optionally int8) model folder", allow_abbrev=False)
     ex.add_argument("--model-dir", required=True, metavar="DIR", help="saved model folder (OUT/model or OUT/model-merged)")
     ex.add_argument("--output-dir", required=True, metavar="DIR", help="folder to write (adapters merged, tokenizer included)")
-    ex.add_argument("--quantize", metavar="int8", help="int8: int8 Linear weights via torchao (loading needs torchao)")
+    ex.add_argument("--quantize", metavar="int8", help="int8: int8 Linear weights via torchao (loading needs torchao); "
+                                                      "with --format onnx: ONNX Runtime's int8 quantisation")
+    ex.add_argument("--format", metavar="onnx", help="onnx: model.onnx for ONNX Runtime, beside the tokenizer and labels "
+                                                   "(default: a transformers folder)")
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     add_debug_flag(ex)
+
+
+def add_serve_command(sub) -> None:
+    sv = sub.add_parser("serve", help="serve a saved model over HTTP, with dynamic batching and a try-it page",
+                        allow_abbrev=False)
+    add_settings_flags(sv)
+    add_debug_flag(sv)
 
 
 def add_data_command(sub) -> None:
@@ -234,14 +262,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from tuneloop.predict import predict
-
     from tuneloop.export import check_quantize
+    from tuneloop.predict import check_runtime, predict
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: must be at least 1, got {args.batch_size}")
     check_quantize(args.quantize)
-    count = predict(args.model_dir, args.input, args.output, args.batch_size, quantize=args.quantize)
+    check_runtime(args.runtime)
+    count = predict(args.model_dir, args.input, args.output, args.batch_size, quantize=args.quantize,
+                    runtime=args.runtime)
     if args.output:
         print(f"wrote {count} predictions to {args.output}", file=sys.stderr)
     return 0
@@ -249,10 +278,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from tuneloop.export import export, folder_size
+    from tuneloop.onnx_export import check_format, export_onnx
 
+    if check_format(args.format) == "onnx":
+        out = export_onnx(args.model_dir, args.output_dir, args.quantize, overwrite=args.overwrite)
+        print(f"wrote {out} ({folder_size(out) / 2**20:.1f} MiB, {'int8 ' if args.quantize else ''}model.onnx: "
+              f"loads with onnxruntime and tokenizers alone)", file=sys.stderr)
+        return 0
     out = export(args.model_dir, args.output_dir, args.quantize, overwrite=args.overwrite)
     print(f"wrote {out} ({folder_size(out) / 2**20:.1f} MiB"
           + (", int8 weights: loading needs transformers and torchao)" if args.quantize else ")"), file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tuneloop.serve import ServeSettings, serve
+
+    serve(ServeSettings(**{k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith("serve.")}))
     return 0
 
 
@@ -263,7 +305,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     from tuneloop.model import build_tokenizer
     from tuneloop.preview import summarize
 
-    config = parse_config(args)
+    from tuneloop.recipe import fit_to_model
+
+    config = fit_to_model(parse_config(args))
     PartialState()
     tokenizer = build_tokenizer(config.model.name_or_path)
     raw = load_raw(config.data, need_train=False)
@@ -300,8 +344,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "data": cmd_data,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve,
+            "data": cmd_data,
             "search": cmd_search, "report": cmd_report, "compare": cmd_compare}
+
+
+def serve_flag_names() -> list[str]:
+    from tuneloop.serve import ServeSettings
+
+    return [f.name for f in dataclasses.fields(ServeSettings)]
 
 
 def _unknown_option_error(argv: list[str], command: str | None) -> None:
@@ -309,7 +360,8 @@ def _unknown_option_error(argv: list[str], command: str | None) -> None:
     known = {f"--{p}" for p in field_paths()} | {f"--{n.replace('_', '-')}" for n in short_names()}
     known |= {"--config", "--print-config", "--debug", "--model-dir", "--input", "--output", "--batch-size",
               "--quantize", "--output-dir", "--overwrite", "--seeds", "--search-space", "--storage", "--study-name",
-              "--n-trials", "--timeout", "--pruner", "--alpha"}
+              "--n-trials", "--timeout", "--pruner", "--alpha", "--runtime", "--format"}
+    known |= {f"--{f.replace('_', '-')}" for f in serve_flag_names()} | {"--no-access-log"}
     for token in argv:
         if token.startswith("--"):
             name = token.split("=", 1)[0]
@@ -351,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         launch.record_error(str(e))
-        print(f"tuneloop: error: {launch.error_prefix()}{e}", file=sys.stderr)
+        print(f"tuneloop: error: {launch.error_prefix()}{one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("tuneloop: interrupted", file=sys.stderr)
@@ -362,5 +414,6 @@ def main(argv: list[str] | None = None) -> int:
         first = str(e).splitlines()[0] if str(e) else ""
         message = f"{type(e).__name__}: {first}"
         launch.record_error(message)
-        print(f"tuneloop: error: {launch.error_prefix()}{message} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"tuneloop: error: {launch.error_prefix()}{one_line(message)} (run with --debug for the traceback)",
+              file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ and validates values before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from tuneloop.errors import ConfigError
+from tuneloop.errors import ConfigError, one_line
 from tuneloop.naming import did_you_mean
 
 
@@ -28,13 +29,16 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    task: str | None = _f("mrpc", "GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli); null for your own files")
+    task: str | None = _f("mrpc", "GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli); null for your own data (the "
+                                      "default with --train-file, --validation-file, --test-file or --dataset)")
     data_dir: str | None = _f(None, "local GLUE folder in the original glue_data TSV layout (e.g. glue_data/MRPC)")
     train_file: str | None = _f(None, "your training file: .csv, .tsv, .jsonl/.json or .parquet")
     validation_file: str | None = _f(None, "your validation file (same formats)")
     test_file: str | None = _f(None, "your test file (labels optional)")
     text_columns: list[str] | None = _f(None, "one column (single sentences) or two (pairs) holding the text")
     label_column: str | None = _f(None, "column holding the label (strings, integers or floats for regression)")
+    drop_unlabeled: bool = _f(False, "leave out rows whose label cell is empty or NaN (counted in the start line) "
+                                     "instead of stopping with their row numbers")
     max_length: int = _f(128, "truncate tokenised inputs to this many tokens")
     max_train_samples: int | None = _f(None, "use only the first N training examples")
     max_eval_samples: int | None = _f(None, "use only the first N examples of each evaluation split")
@@ -190,6 +194,10 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    # The `section.field`s the user set (flags, their own YAML file, the dict or flags given in code); not the
+    # built-in recipes' values. A later step that would change one of them (a search space, a device) must
+    # either keep it or say in one line why it cannot. Not a field: it is not part of the saved config.
+    given: typing.ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Config:
@@ -200,12 +208,14 @@ class Config:
     def from_flags(cls, config_file: str | Path | None = None, **flags: Any) -> Config:
         """Settings named like the CLI flags, validated: `Config.from_flags(task="sst2", learning_rate=3e-5)`;
         `config_file` is a YAML file or recipe name (`"fast"`) that they override."""
-        return config_from_dict(merge(read_yaml(config_file) if config_file else {},
-                                      overrides_from_flags(flags, prefix="")))
+        return load_config(config_file, flags, prefix="")
 
     def replace(self, **flags: Any) -> Config:
         """A validated copy with settings named like the CLI flags changed: `config.replace(epochs=1)`."""
-        return config_from_dict(merge(self.to_dict(), overrides_from_flags(flags, prefix="")))
+        overrides = overrides_from_flags(flags, prefix="")
+        config = config_from_dict(merge(self.to_dict(), overrides))
+        config.given = self.given | paths_in(overrides)
+        return config
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -261,7 +271,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}{did_you_mean(str(value), map(str, choices))}")
+            raise ConfigError(f"{key}: {_shown(value)} is not one of {', '.join(map(str, choices))}{did_you_mean(str(value), map(str, choices))}")
         return value
     if origin is list:
         (item,) = typing.get_args(tp)
@@ -275,10 +285,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {_shown(value)}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_shown(value)}")
         try:
             as_float = float(value)
         except ValueError:
@@ -288,16 +298,34 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return int(as_float)
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {_shown(value)}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{key}: expected a number, got {_shown(value)}") from None
+        if not math.isfinite(number):  # NaN passes every `< 0` check below: refuse it here
+            raise ConfigError(f"{key}: expected a finite number, got {_shown(value)}")
+        return number
     if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        # YAML reads `false`, `null`, `1.0` unquoted; a boolean or null never silently becomes "False"/"None".
+        if value is None or isinstance(value, (bool, dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {_shown(value)}")
         return str(value)
     return value
+
+
+def _shown(value: Any) -> str:
+    """A value as the user wrote it in YAML (true, null), not as Python prints it (True, None)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip() \
+        if isinstance(value, (bool, type(None))) else repr(value)
+
+
+def coerce_field(value: Any, f: dataclasses.Field, tp: Any, key: str) -> Any:
+    """One field's value: a flag that may stand alone (`resume`) reads true as that flag and false as off."""
+    if "const" in f.metadata and (value is True or value is False
+                                  or isinstance(value, str) and value.lower() in ("true", "false")):
+        return f.metadata["const"] if value is True or str(value).lower() == "true" else None
+    return _coerce(value, tp, key)
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -307,7 +335,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     sections = {}
     for section, values in raw.items():
         if section not in SECTIONS:
-            hint = did_you_mean(section, SECTIONS)
+            hint = did_you_mean(str(section), SECTIONS)
             if section in short_names() and not hint:  # a section's own near-namesake first ('optimizer')
                 hint = f" (did you mean '{short_names()[section]}'?)"
             raise ConfigError(f"unknown config section '{section}'{hint}")
@@ -317,18 +345,25 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
             raise ConfigError(f"config section '{section}' must be a mapping, got {values!r}")
         cls = SECTIONS[section]
         hints = typing.get_type_hints(cls)
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, value in values.items():
             if key not in known:
-                raise ConfigError(f"unknown config key '{section}.{key}'{did_you_mean(key, known)}")
-            kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
-        if section == "data" and kwargs.get("dataset") and "task" not in kwargs:
-            kwargs["task"] = None  # a dataset of one's own, not GLUE's MRPC (the default task)
+                raise ConfigError(f"unknown config key '{section}.{key}'{did_you_mean(str(key), known)}")
+            kwargs[key] = coerce_field(value, known[key], hints[key], f"{section}.{key}")
+        own_data = any(kwargs.get(k) for k in ("dataset", "train_file", "validation_file", "test_file"))
+        if section == "data" and own_data and "task" not in kwargs:
+            kwargs["task"] = None  # data of one's own, not GLUE's MRPC (the default task)
         sections[section] = cls(**kwargs)
     config = Config(**sections)
     validate(config)
+    config.given = paths_in(raw)
     return config
+
+
+def paths_in(raw: dict[str, Any]) -> frozenset[str]:
+    """The `section.field`s a nested dict sets."""
+    return frozenset(f"{s}.{k}" for s, values in raw.items() if isinstance(values, dict) for k in values)
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -368,7 +403,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"config file {p} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e)
+        raise ConfigError(f"config file {p} is not valid YAML{where}: {one_line(str(problem))}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {p} is not UTF-8 text") from None
     if raw is None:
@@ -396,10 +432,14 @@ def overrides_from_flags(flags: dict[str, Any], prefix: str = "--") -> dict[str,
     return nested
 
 
-def load_config(path: str | Path | None = None, flags: dict[str, Any] | None = None) -> Config:
+def load_config(path: str | Path | None = None, flags: dict[str, Any] | None = None, prefix: str = "--") -> Config:
     """YAML file (optional) + flag overrides -> validated Config."""
     raw = read_yaml(path) if path else {}
-    return config_from_dict(merge(raw, overrides_from_flags(flags or {})))
+    overrides = overrides_from_flags(flags or {}, prefix=prefix)
+    config = config_from_dict(merge(raw, overrides))
+    recipe = path is not None and resolve_config_path(path).parent == RECIPES_DIR
+    config.given = paths_in(overrides) | (frozenset() if recipe else paths_in(raw))
+    return config
 
 
 def validate(config: Config) -> None:
@@ -441,6 +481,9 @@ def validate_data(d: DataConfig) -> None:
         raise ConfigError("data.dataset_config/train_split/validation_split/test_split: only apply with --dataset NAME")
     if d.text_columns is not None and not 1 <= len(d.text_columns) <= 2:
         raise ConfigError(f"data.text_columns: give one or two columns, got {d.text_columns}")
+    if d.text_columns and d.label_column in d.text_columns:
+        raise ConfigError(f"data.label_column: '{d.label_column}' is also a text column (data.text_columns), so the "
+                          f"model would read the answer; name another column")
     _check_at_least_one({"data.max_length": d.max_length})
     _check_at_least_one({"data.max_train_samples": d.max_train_samples, "data.max_eval_samples": d.max_eval_samples,
                          "data.pad_to_multiple_of": d.pad_to_multiple_of}, "must be at least 1 (or null)")

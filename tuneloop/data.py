@@ -11,16 +11,18 @@ import hashlib
 import json
 import logging
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from tuneloop.config import DataConfig
+from tuneloop.cells import text_column
 from tuneloop.errors import DataError
 from tuneloop.hf_dataset import load_dataset_dict, load_hf_dataset
+from tuneloop.labels import describe_rows, encode_labels, infer_label_names, unlabeled_rows
 from tuneloop.tasks import TASKS, Task, TsvLayout
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ class RawData:
     main_metric: str
     task_name: str | None
     sources: dict[str, str] = field(default_factory=dict)  # split -> where it came from
+    dropped: dict[str, int] = field(default_factory=dict)  # split -> rows dropped without a label (--drop-unlabeled)
 
     @property
     def is_regression(self) -> bool:
@@ -81,26 +84,37 @@ def read_table(path: str | Path, what: str = "data file") -> pd.DataFrame:
     suffix = p.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
         raise DataError(f"{what} {p}: unsupported format '{suffix}' (use {', '.join(TABLE_SUFFIXES)})")
+    encoding = text_encoding(p) if suffix != ".parquet" else None
     try:
         if suffix == ".csv":
-            df = pd.read_csv(p, encoding="utf-8-sig", keep_default_na=False, dtype=str)
+            df = pd.read_csv(p, encoding=encoding, keep_default_na=False, dtype=str)
         elif suffix == ".tsv":
             # GLUE-style TSVs carry bare quote characters inside sentences: never treat them as quoting.
-            df = pd.read_csv(p, sep="\t", quoting=csv.QUOTE_NONE, encoding="utf-8-sig",
+            df = pd.read_csv(p, sep="\t", quoting=csv.QUOTE_NONE, encoding=encoding,
                              keep_default_na=False, dtype=str)
         elif suffix in (".jsonl", ".json"):
-            with open(p, encoding="utf-8-sig") as fh:
-                head = fh.read(1).strip()
-            df = pd.read_json(p, lines=head != "[", encoding="utf-8")
+            with open(p, encoding=encoding) as fh:
+                head = fh.read(256).lstrip()[:1]
+            df = pd.read_json(p, lines=head != "[", encoding=encoding)
         else:
             df = pd.read_parquet(p)
     except DataError:
         raise
-    except (UnicodeDecodeError, ValueError, OSError, pd.errors.ParserError) as e:
+    except UnicodeDecodeError as e:
+        raise DataError(f"cannot read {what} {p}: it is not UTF-8 text ({e.reason} at byte {e.start}); "
+                        f"save it as UTF-8 (or UTF-16 with a byte order mark)") from None
+    except (ValueError, OSError, pd.errors.ParserError) as e:
         raise DataError(f"cannot read {what} {p}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     except Exception as e:  # pyarrow and friends raise their own types
         raise DataError(f"cannot read {what} {p}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     return df
+
+
+def text_encoding(path: Path) -> str:
+    """UTF-16 when the file starts with its byte order mark (Excel's "Unicode text"), else UTF-8, BOM or not."""
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    return "utf-16" if head in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
 
 
 def read_glue_tsv(path: Path, layout: TsvLayout) -> pd.DataFrame:
@@ -114,9 +128,9 @@ def read_glue_tsv(path: Path, layout: TsvLayout) -> pd.DataFrame:
     missing = [c for c in cols if (c not in df.columns if layout.header else not 0 <= int(c) < df.shape[1])]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
-    out = pd.DataFrame({"text": df[layout.text[0]].astype(str)})
+    out = pd.DataFrame({"text": text_column(df, layout.text[0], str(path))})
     if len(layout.text) == 2:
-        out["text_pair"] = df[layout.text[1]].astype(str)
+        out["text_pair"] = text_column(df, layout.text[1], str(path))
     if layout.label is not None:
         out["label"] = df[layout.label]
         before = len(out)
@@ -138,9 +152,9 @@ def load_hub_glue(task: Task) -> dict[str, pd.DataFrame]:
         if theirs not in ds:
             continue
         frame = ds[theirs].to_pandas()
-        df = pd.DataFrame({"text": frame[task.hub_text_columns[0]].astype(str)})
+        df = pd.DataFrame({"text": text_column(frame, task.hub_text_columns[0], HUB_DATASET)})
         if len(task.hub_text_columns) == 2:
-            df["text_pair"] = frame[task.hub_text_columns[1]].astype(str)
+            df["text_pair"] = text_column(frame, task.hub_text_columns[1], HUB_DATASET)
         # The Hub marks unlabeled test rows with label -1.
         if "label" in frame and not (frame["label"] == -1).all():
             df["label"] = frame["label"]
@@ -184,69 +198,21 @@ def load_user_files(cfg: DataConfig, task: Task | None) -> tuple[dict[str, pd.Da
         missing = [c for c in cols if c not in df.columns]
         if missing:
             raise DataError(f"{split} file {path}: missing text column(s) {missing}; found {list(df.columns)}")
-        norm = pd.DataFrame({"text": df[cols[0]].astype(str)})
-        if len(cols) == 2:
-            norm["text_pair"] = df[cols[1]].astype(str)
         label_column = cfg.label_column or ("label" if "label" in df.columns else None)
+        if label_column in cols:
+            raise DataError(f"{split} file {path}: column {label_column!r} is both a text column and the label "
+                            f"column, so the model would read the answer; choose other --text-columns or --label-column")
+        norm = pd.DataFrame({"text": text_column(df, cols[0], f"{split} file {path}")})
+        if len(cols) == 2:
+            norm["text_pair"] = text_column(df, cols[1], f"{split} file {path}")
         if label_column and label_column in df.columns:
             norm["label"] = df[label_column]
         elif split != "test":
-            raise DataError(f"{split} file {path}: missing label column '{label_column or 'label'}'; "
+            raise DataError(f"{split} file {path}: missing label column {(label_column or 'label')!r}; "
                             f"found {list(df.columns)} (pass --label-column)")
         out[split] = norm
         sources[split] = str(path)
     return out, sources
-
-
-# ---------------------------------------------------------------------------------------------
-# Labels
-
-
-def _is_number(value: Any) -> bool:
-    try:
-        float(value)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
-def infer_label_names(train_labels: pd.Series) -> list[str] | None:
-    """Label names for user data: None (regression) for non-integer numbers, else sorted unique values."""
-    values = train_labels.tolist()
-    if values and all(_is_number(v) for v in values):
-        floats = np.asarray(values, dtype=float)
-        if not np.all(floats == np.round(floats)):
-            return None
-        return [str(int(v)) for v in sorted(set(floats.astype(int).tolist()))]
-    return sorted({str(v) for v in values})
-
-
-def encode_labels(df: pd.DataFrame, label_names: list[str] | None, split: str) -> pd.DataFrame:
-    """Map raw labels to ids (classification) or floats (regression); unknown labels are an error."""
-    if "label" not in df.columns:
-        return df
-    raw = df["label"]
-    if label_names is None:
-        try:
-            labels = raw.astype(float)
-        except (TypeError, ValueError):
-            bad = next(v for v in raw if not _is_number(v))
-            raise DataError(f"{split}: regression label {bad!r} is not a number") from None
-        return df.assign(label=labels.astype("float32"))
-    index = {name: i for i, name in enumerate(label_names)}
-    ids = []
-    for value in raw.tolist():
-        key = str(value).strip()
-        if key in index:
-            ids.append(index[key])
-        elif _is_number(key) and float(key).is_integer() and str(int(float(key))) in index:
-            ids.append(index[str(int(float(key)))])
-        elif _is_number(key) and float(key).is_integer() and 0 <= int(float(key)) < len(label_names) \
-                and not all(_is_number(n) for n in label_names):
-            ids.append(int(float(key)))
-        else:
-            raise DataError(f"{split}: label {value!r} is not in the label set {label_names}")
-    return df.assign(label=np.asarray(ids, dtype=np.int64))
 
 
 def load_raw(cfg: DataConfig, label_names: list[str] | None = None, need_train: bool = True) -> RawData:
@@ -269,6 +235,7 @@ def load_raw(cfg: DataConfig, label_names: list[str] | None = None, need_train: 
         splits = load_hub_glue(task)
         sources = {s: f"hub:{HUB_DATASET}/{task.name}" for s in splits}
 
+    splits, dropped = handle_unlabeled(splits, sources, cfg)
     if need_train and "train" not in splits:
         raise DataError("no training split: give --train-file, or a --data-dir that holds train.tsv")
     for name, df in splits.items():
@@ -305,7 +272,30 @@ def load_raw(cfg: DataConfig, label_names: list[str] | None = None, need_train: 
         metrics, main = ("accuracy", "f1"), "accuracy"
     else:
         metrics, main = ("accuracy", "f1_macro"), "accuracy"
-    return RawData(splits, label_names, metrics, main, task.name if task else None, sources)
+    return RawData(splits, label_names, metrics, main, task.name if task else None, sources, dropped)
+
+
+def handle_unlabeled(splits: dict[str, pd.DataFrame], sources: dict[str, str], cfg: DataConfig
+                     ) -> tuple[dict[str, pd.DataFrame], dict[str, int]]:
+    """Rows without a label: an error naming them, or dropped and counted (`--drop-unlabeled`).
+
+    Left in, an empty cell would become a class "" and a NaN would turn a classification file into
+    regression. A test split whose label cells are all empty is simply unlabeled."""
+    out, dropped = {}, {}
+    for name, df in splits.items():
+        rows = unlabeled_rows(df["label"]) if "label" in df.columns else []
+        if rows and name.startswith("test") and len(rows) == len(df):
+            df = df.drop(columns="label")
+        elif rows and cfg.drop_unlabeled:
+            df = df.drop(index=df.index[rows]).reset_index(drop=True)
+            dropped[name] = len(rows)
+        elif rows:
+            column = cfg.label_column or "label"
+            raise DataError(f"{name} split ({sources.get(name, name)}): {len(rows)} of {len(df)} row(s) have no label "
+                            f"in column {column!r} ({describe_rows(rows)}, counting data rows from 1); fill them "
+                            f"in, or pass --drop-unlabeled to leave them out")
+        out[name] = df
+    return out, dropped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +306,27 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TUNELOOP_CACHE") or Path.home() / ".cache" / "tuneloop")
 
 
+# Serialising a tokenizer takes ~0.5 s (a 30k vocabulary): once per tokenizer object and vocabulary size.
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
+    size = len(tokenizer)
+    try:
+        known = _FINGERPRINTS.get(tokenizer)
+    except TypeError:  # an object that cannot be weakly referenced
+        known = None
+    if known is not None and known[0] == size:
+        return known[1]
+    fingerprint = compute_tokenizer_fingerprint(tokenizer)
+    try:
+        _FINGERPRINTS[tokenizer] = (size, fingerprint)
+    except TypeError:
+        pass
+    return fingerprint
+
+
+def compute_tokenizer_fingerprint(tokenizer) -> str:
     h = hashlib.sha256()
     h.update(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -329,16 +339,27 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
+def check_room_for_text(tokenizer, max_length: int, pair: bool) -> None:
+    """A max_length that holds only the special tokens cannot be truncated to: the tokenizer returns longer inputs."""
+    special = tokenizer.num_special_tokens_to_add(pair=pair)
+    if max_length <= special:
+        raise DataError(f"data.max_length {max_length} leaves no room for text: the tokenizer adds {special} special "
+                        f"tokens to each {'pair' if pair else 'input'}; give at least {special + 1}")
+
+
 def tokenize_splits(raw: RawData, tokenizer, cfg: DataConfig) -> dict[str, Any]:
     """Tokenise every split with truncation (no padding: batches pad dynamically), cached on disk."""
     import datasets
 
+    check_room_for_text(tokenizer, cfg.max_length, raw.is_pair)
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     out = {}
     for name, df in raw.splits.items():
+        # Row hashes in order (a sum would let a reordered file reuse the old order), every column, the tokenizer.
+        rows = hashlib.sha256(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes()).hexdigest()
         key = hashlib.sha256(json.dumps([
-            pd.util.hash_pandas_object(df, index=False).sum().item(), len(df), list(df.columns),
-            tokenizer_fingerprint(tokenizer), cfg.max_length, 2,  # bump the last number when the layout changes
+            rows, len(df), list(df.columns), [str(t) for t in df.dtypes],
+            tokenizer_fingerprint(tokenizer), cfg.max_length, 3,  # bump the last number when the layout changes
         ]).encode()).hexdigest()[:20]
         path = cache_root / "tokenized" / key
         if (path / "dataset_info.json").exists():

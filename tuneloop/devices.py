@@ -26,9 +26,12 @@ recomputation); on an AVX2-only CPU it made `--config fast` slower (1,600 MRPC p
 from __future__ import annotations
 
 import copy
+import logging
 
 from tuneloop.config import Config
 from tuneloop.precision import cpu_has_fast_bf16, resolve_mixed_precision
+
+log = logging.getLogger(__name__)
 
 DEVICE_KINDS = ("gpu", "cpu-bf16", "cpu")
 
@@ -58,4 +61,15 @@ def resolve_for_device(config: Config, device_type: str) -> Config:
         m.attn_implementation = ATTENTION[kind]
     if m.dropout_masks == "auto":
         m.dropout_masks = DROPOUT_MASKS[kind]
+    explain_unused(resolved, device_type)
     return resolved
+
+
+def explain_unused(config: Config, device_type: str) -> None:
+    """One line for each setting that this device cannot honour, rather than quietly training otherwise."""
+    if config.train.mixed_precision == "tf32" and device_type != "cuda":
+        log.warning("train.mixed_precision tf32 uses a GPU's TF32 matmuls; on this %s device it trains in fp32 "
+                    "(as 'no')", device_type)
+    if config.model.dropout_masks == "fast" and device_type != "cpu":
+        log.warning("model.dropout_masks fast applies on CPUs; on this %s device dropout draws torch's masks",
+                    device_type)

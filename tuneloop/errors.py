@@ -15,3 +15,9 @@ class ConfigError(TuneloopError):
 
 class DataError(TuneloopError):
     """Missing, unreadable or inconsistent data."""
+
+
+def one_line(message: str) -> str:
+    """`message` as one printable line: line breaks and other control characters (which a user's file or flag
+    may carry into an error) are shown escaped, as in `\\x1e`, instead of breaking or garbling the line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)

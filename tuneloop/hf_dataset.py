@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from tuneloop.config import DataConfig
+from tuneloop.cells import text_column
 from tuneloop.errors import DataError
 from tuneloop.tasks import Task
 
@@ -98,6 +99,9 @@ def load_hf_dataset(cfg: DataConfig, task: Task | None, need_train: bool = True
         raise DataError(f"dataset '{where}': cannot tell which column holds the text (columns: "
                         f"{', '.join(train_columns)}); pass --text-columns COL or --text-columns COL1,COL2")
     label_column = cfg.label_column or "label"
+    if label_column in text_columns:
+        raise DataError(f"dataset '{where}': column {label_column!r} is both a text column and the label column, so "
+                        f"the model would read the answer; choose other --text-columns or --label-column")
     out, sources, class_names = {}, {}, None
     for ours, theirs in splits.items():
         split = ds[theirs]
@@ -109,9 +113,9 @@ def load_hf_dataset(cfg: DataConfig, task: Task | None, need_train: bool = True
                             f"(data.text_columns); its columns: {', '.join(split.column_names)}{hint}")
         frame = split.select_columns([*text_columns, *([label_column] if label_column in split.column_names else [])]
                                      ).to_pandas()
-        df = pd.DataFrame({"text": frame[text_columns[0]].astype(str)})
+        df = pd.DataFrame({"text": text_column(frame, text_columns[0], f"dataset {where!r}")})
         if len(text_columns) == 2:
-            df["text_pair"] = frame[text_columns[1]].astype(str)
+            df["text_pair"] = text_column(frame, text_columns[1], f"dataset {where!r}")
         labelled = label_column in frame and not (frame[label_column] == -1).all()  # the Hub marks unlabeled -1
         if labelled:
             feature: Any = split.features[label_column]
@@ -122,7 +126,7 @@ def load_hf_dataset(cfg: DataConfig, task: Task | None, need_train: bool = True
             df["label"] = labels
         elif ours != "test":
             what = "only unlabeled rows (-1) in" if label_column in frame else "no"
-            raise DataError(f"dataset '{where}' split '{theirs}' has {what} label column '{label_column}' "
+            raise DataError(f"dataset '{where}' split '{theirs}' has {what} label column {label_column!r} "
                             f"(data.label_column); its columns: {', '.join(split.column_names)}")
         out[ours] = df
         sources[ours] = f"dataset {where}, split {theirs}"

@@ -46,6 +46,41 @@ def build_tokenizer(name_or_path: str | None):
         raise _load_error(name, e) from None
 
 
+# Architectures whose position ids start after the padding id (RoBERTa's scheme): max_position_embeddings
+# 514 with pad id 1 holds 512 tokens.
+PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text",
+                            "roberta-prelayernorm", "ibert", "mpnet", "xmod", "markuplm")
+
+
+def position_limit(model_config) -> int | None:
+    """The most tokens one input may hold in a model with learned absolute positions; None without a limit."""
+    n = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(n, int) or getattr(model_config, "position_biased_input", True) is False:
+        return None
+    if getattr(model_config, "model_type", None) in PADDING_OFFSET_POSITIONS:
+        n -= (getattr(model_config, "pad_token_id", None) or 0) + 1
+    return n
+
+
+def capped_max_length(max_length: int, name_or_path: str | None) -> int:
+    """`max_length`, or the model's position limit below it, with one warning: a longer input would index past
+    the position embeddings at the first batch (a device-side assert on a GPU), possibly after an epoch."""
+    import logging
+
+    from transformers import AutoConfig
+
+    try:
+        limit = position_limit(AutoConfig.from_pretrained(resolve_model_path(name_or_path)))
+    except Exception:  # no readable config (an adapter folder, an offline id): loading the model says why
+        return max_length
+    if limit is None or max_length <= limit:
+        return max_length
+    model = f"model {name_or_path}" if name_or_path else "the default model"
+    logging.getLogger(__name__).warning("data.max_length %d is above the %d positions of %s: inputs are truncated "
+                                        "at %d instead", max_length, limit, model, limit)
+    return limit
+
+
 # What architectures call the dropout on attention probabilities (BERT family; DistilBERT, ModernBERT, LLMs).
 ATTENTION_DROPOUT_NAMES = ("attention_probs_dropout_prob", "attention_dropout")
 

@@ -17,9 +17,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from tuneloop.data import read_table
-from tuneloop.errors import DataError
-from tuneloop.model import build_tokenizer, resolve_model_path
+from tuneloop.cells import text_column
+from tuneloop.data import check_room_for_text, read_table
+from tuneloop.errors import ConfigError, DataError
+from tuneloop.model import build_tokenizer, position_limit, resolve_model_path
 
 PROGRESS_MIN_ROWS = 1000  # below this a run takes seconds and a bar is noise
 
@@ -45,30 +46,78 @@ def read_inputs(source: str) -> pd.DataFrame:
     return df
 
 
-def load_for_prediction(model_dir: str, quantize: str | None = None):
-    """(model in eval mode, tokenizer) from any saved folder; `quantize="int8"`: dynamic int8 Linear layers."""
+RUNTIMES = ("torch", "onnx")
+
+
+def check_runtime(runtime: str) -> str:
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"--runtime: {runtime!r} is not a runtime; choose torch or onnx")
+    return runtime
+
+
+def load_for_prediction(model_dir: str, quantize: str | None = None, runtime: str = "torch",
+                        threads: int | None = None):
+    """(model in eval mode, tokenizer) from any saved folder; `quantize="int8"`: int8 weights and activations.
+
+    `runtime="onnx"` reads the folder's ONNX model (`tuneloop export --format onnx`) into ONNX Runtime; the
+    object it returns is called like a transformers model, so everything below runs unchanged on it.
+    `threads`: CPU threads per forward pass (default: the runtime's choice)."""
     from tuneloop.export import check_quantize, load_saved_model, quantize_dynamic_int8
 
     check_quantize(quantize)
+    check_runtime(runtime)
     path = resolve_model_path(model_dir)
     tokenizer = build_tokenizer(path)
+    if runtime == "onnx":
+        from tuneloop.onnx_export import load_onnx_model
+
+        return load_onnx_model(path, quantize, threads), tokenizer
+    if threads:
+        torch.set_num_threads(threads)
     model = load_saved_model(path).eval()
     return (quantize_dynamic_int8(model) if quantize == "int8" else model), tokenizer
 
 
 def predict_rows(model_dir: str, df: pd.DataFrame, batch_size: int = 32, max_length: int = 512,
-                 quantize: str | None = None) -> Iterator[dict]:
+                 quantize: str | None = None, runtime: str = "torch") -> Iterator[dict]:
     """Predictions in input order; batches are formed from length-sorted rows, so padding stays small."""
-    model, tokenizer = load_for_prediction(model_dir, quantize)
+    model, tokenizer = load_for_prediction(model_dir, quantize, runtime)
     yield from predict_with(model, tokenizer, df, batch_size, max_length)
 
 
+def max_input_length(tokenizer, max_length: int = 512, model_config=None) -> int:
+    """Tokens an input is truncated to: `max_length`, or less where the tokenizer or the model's position
+    embeddings (`model_config`) allow less."""
+    return min(max_length, tokenizer.model_max_length, position_limit(model_config) or max_length)
+
+
 def predict_with(model, tokenizer, df: pd.DataFrame, batch_size: int = 32, max_length: int = 512) -> list[dict]:
+    texts = text_column(df, "text", "input").tolist()
+    pairs = text_column(df, "text_pair", "input").tolist() if "text_pair" in df.columns else None
+    return predict_texts(model, tokenizer, texts, pairs, batch_size, max_length)
+
+
+def label_scores(logits: torch.Tensor, id2label: dict, regression: bool, all_scores: bool = False) -> list[dict]:
+    """One {label, score} per row, as `pipeline("text-classification")`; `all_scores`: also every label's score."""
+    if regression:
+        return [{"label": id2label[0], "score": v} for v in logits[:, 0].tolist()]
+    probs = logits.softmax(-1)
+    scores, ids = probs.max(-1)
+    out = [{"label": id2label[i], "score": s} for i, s in zip(ids.tolist(), scores.tolist())]
+    if all_scores:
+        for row, p in zip(out, probs.tolist()):
+            row["scores"] = {id2label[i]: v for i, v in enumerate(p)}
+    return out
+
+
+def predict_texts(model, tokenizer, texts: list[str], pairs: list[str] | None = None, batch_size: int = 32,
+                  max_length: int = 512, all_scores: bool = False) -> list[dict]:
+    """The one prediction path of `predict` and `serve`: truncate, sort by length, pad per batch, label."""
     id2label = model.config.id2label
     regression = model.config.problem_type == "regression"
-    texts = df["text"].astype(str).tolist()
-    pairs = df["text_pair"].astype(str).tolist() if "text_pair" in df.columns else None
-    encoded = tokenizer(texts, pairs, truncation=True, max_length=min(max_length, tokenizer.model_max_length))
+    limit = max_input_length(tokenizer, max_length, model.config)
+    check_room_for_text(tokenizer, limit, pairs is not None)
+    encoded = tokenizer(texts, pairs, truncation=True, max_length=limit)
     order = sorted(range(len(texts)), key=lambda i: -len(encoded["input_ids"][i]))
     results: list[dict | None] = [None] * len(texts)
     progress = tqdm(total=len(texts), desc="predict", unit="row", disable=len(texts) < PROGRESS_MIN_ROWS,
@@ -77,12 +126,7 @@ def predict_with(model, tokenizer, df: pd.DataFrame, batch_size: int = 32, max_l
         for start in range(0, len(order), batch_size):
             rows = order[start: start + batch_size]
             batch = tokenizer.pad([{k: encoded[k][i] for k in encoded} for i in rows], return_tensors="pt")
-            logits = model(**batch).logits.float()
-            if regression:
-                out = [{"label": id2label[0], "score": v} for v in logits[:, 0].tolist()]
-            else:
-                scores, ids = logits.softmax(-1).max(-1)
-                out = [{"label": id2label[i], "score": s} for i, s in zip(ids.tolist(), scores.tolist())]
+            out = label_scores(model(**batch).logits.float(), id2label, regression, all_scores)
             for i, row in zip(rows, out):
                 results[i] = row
             progress.update(len(rows))
@@ -99,9 +143,9 @@ def write_predictions(rows: Iterator[dict], out: TextIO) -> int:
 
 
 def predict(model_dir: str, source: str, output: str | None = None, batch_size: int = 32,
-            quantize: str | None = None) -> int:
+            quantize: str | None = None, runtime: str = "torch") -> int:
     df = read_inputs(source)
-    rows = predict_rows(model_dir, df, batch_size, quantize=quantize)
+    rows = predict_rows(model_dir, df, batch_size, quantize=quantize, runtime=runtime)
     if output:
         target = Path(output)
         target.parent.mkdir(parents=True, exist_ok=True)

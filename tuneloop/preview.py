@@ -27,7 +27,8 @@ def summarize(raw, tokenized, tokenizer, collator, config) -> str:
     lines.append("splits:")
     for name, df in raw.splits.items():
         source = raw.sources.get(name, "")
-        line = f"  {name:<22} {len(df):>7} examples  ({source})"
+        dropped = f", {raw.dropped[name]} unlabeled rows dropped" if raw.dropped.get(name) else ""
+        line = f"  {name:<22} {len(df):>7} examples  ({source}{dropped})"
         if "label" in df.columns and not raw.is_regression:
             counts = df["label"].value_counts().sort_index()
             balance = ", ".join(f"{raw.label_names[int(i)]}: {c} ({c / len(df):.1%})" for i, c in counts.items())

@@ -28,7 +28,8 @@ from tuneloop.evaluate import evaluate
 from tuneloop.errors import DataError, TuneloopError
 from tuneloop.launch import accelerator_kwargs, check_processes, is_main_process
 from tuneloop.loop import Run, TrainingState, run_evaluation, train_loop
-from tuneloop.model import (apply_layer_options, build_model, build_tokenizer, resolve_attention, resolve_model_path, saved_label_names,
+from tuneloop.model import (apply_layer_options, build_model, build_tokenizer, capped_max_length, resolve_attention,
+                            resolve_model_path, saved_label_names,
                             enable_gradient_checkpointing, use_fast_dropout)
 from tuneloop.optim import build_optimizer, build_scheduler, num_training_steps
 from tuneloop.precision import accelerate_precision, apply_tf32, check_device_precision, reconcile_mixed_precision
@@ -76,6 +77,16 @@ def check_output_dir(config: Config) -> Path:
     return out
 
 
+def fit_to_model(config: Config) -> Config:
+    """A copy whose max_length fits the model's positions (with one warning when it had to be capped)."""
+    length = capped_max_length(config.data.max_length, config.model.name_or_path)
+    if length == config.data.max_length:
+        return config
+    capped = dataclasses.replace(config, data=dataclasses.replace(config.data, max_length=length))
+    capped.given = config.given
+    return capped
+
+
 def ensure_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -112,6 +123,15 @@ def load_data(config: Config, tokenizer, accelerator, label_names=None, need_tra
     return raw, tokenized
 
 
+def training_padding(config: Config) -> int | None:
+    """A compiled model recompiles per new input shape (and records a CUDA graph per shape): padding bounds that."""
+    padding = compile_padding(config.train.compile, config.data.pad_to_multiple_of)
+    if padding != config.data.pad_to_multiple_of and "data.pad_to_multiple_of" in config.given:
+        log.warning("data.pad_to_multiple_of %s: train.compile %s pads to a multiple of %s (fewer shapes to compile)",
+                    config.data.pad_to_multiple_of, config.train.compile, padding)
+    return padding
+
+
 def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     """Data, model, optimizer and schedule, prepared by Accelerate: everything `train_loop` needs."""
     from accelerate.data_loader import prepare_data_loader
@@ -123,9 +143,7 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     for split in ["train", *raw.eval_splits]:
         if "labels" not in tokenized[split].column_names:
             raise DataError(f"{split} split has no labels")
-    # A compiled model recompiles per new input shape (and records a CUDA graph per shape): padding bounds that.
-    padding = compile_padding(config.train.compile, config.data.pad_to_multiple_of)
-    collator = Collator(tokenizer, dataclasses.replace(config.data, pad_to_multiple_of=padding))
+    collator = Collator(tokenizer, dataclasses.replace(config.data, pad_to_multiple_of=training_padding(config)))
     # The classifier head is initialised from the seed set above, so runs are reproducible.
     model = build_model(config.model.name_or_path, raw.label_names,
                         resolve_attention(config.model.attn_implementation, accelerator.device.type),
@@ -211,7 +229,8 @@ def write_json(path: Path, data: Any) -> None:
 def describe_run(run: Run) -> str:
     cfg, acc = run.config, run.accelerator
     global_batch = cfg.train.batch_size * acc.num_processes * cfg.train.gradient_accumulation_steps
-    sizes = ", ".join(f"{s}={len(df)}" for s, df in run.raw.splits.items())
+    sizes = ", ".join(f"{s}={len(df)}" + (f" ({run.raw.dropped[s]} unlabeled rows dropped)" if run.raw.dropped.get(s)
+                                          else "") for s, df in run.raw.splits.items())
     return (f"tuneloop: {sizes} | {acc.num_processes} process(es) on {acc.device}, precision {acc.mixed_precision} | "
             f"global batch {global_batch} = {cfg.train.batch_size} per device x {acc.num_processes} x "
             f"{cfg.train.gradient_accumulation_steps} accumulation | {run.num_training_steps} optimizer steps | "
@@ -226,6 +245,7 @@ def train(config: Config, hooks: list | None = None) -> dict[str, float]:
     out = check_output_dir(config)
     accelerator = make_accelerator(config)
     config = resolve_for_device(config, accelerator.device.type)  # what config.yaml and checkpoints record
+    config = fit_to_model(config)
     if accelerator.is_main_process:
         ensure_writable(out)
     metrics_log = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process, sinks=hooks)
@@ -291,6 +311,7 @@ def end_training(run: Run) -> None:
 def evaluate_model(config: Config) -> dict[str, dict[str, float]]:
     """Re-evaluate a saved model on the configured data's labelled evaluation splits."""
     accelerator = make_accelerator(config)
+    config = fit_to_model(config)
     model_dir = resolve_model_path(config.model.name_or_path)
     tokenizer = build_tokenizer(model_dir)
     label_names = saved_label_names(model_dir)

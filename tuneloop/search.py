@@ -103,6 +103,36 @@ def load_space(path: str | None) -> dict[str, dict[str, Any]]:
     return parse_space(raw, f"search space {p}")
 
 
+def respect_given(space: dict[str, dict[str, Any]], base: Config, space_file: str | None) -> dict[str, Any]:
+    """Settings the user gave that the search would replace: each kept (the built-in space) or, when their own
+    search space names it, searched, with one line either way; the trial-fixed ones are refused."""
+    refuse_fixed_by_the_study(base)
+    kept = dict(space)
+    for path in sorted(base.given & set(space)):
+        section, name = path.split(".")
+        value = getattr(getattr(base, section), name)
+        if space_file is None:
+            del kept[path]
+            log.warning("search: %s stays at %r as you set it, so the built-in search space does not sample it",
+                        path, value)
+        else:
+            log.warning("search: %s is sampled from the search space %s, so your setting %r applies to no trial",
+                        path, space_file, value)
+    if not kept:
+        raise ConfigError("every parameter of the built-in search space is set on the command line: nothing to "
+                          "search (give --search-space FILE)")
+    return kept
+
+
+def refuse_fixed_by_the_study(base: Config) -> None:
+    """--resume and --push-to-hub given to a search would apply to no trial: say why, before any work."""
+    for path, why in (("checkpoint.resume", "a search continues with the same command; its trials never resume"),
+                      ("output.push_to_hub", "push the best trial afterwards: tuneloop train --config "
+                                             "OUT/best_config.yaml --push-to-hub REPO")):
+        if path in base.given:
+            raise ConfigError(f"{path}: does not apply to tuneloop search ({why})")
+
+
 def suggest(trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     params = {}
     for path, spec in space.items():
@@ -125,7 +155,9 @@ def config_with(base: Config, params: dict[str, Any], output_dir: str | Path) ->
         raw[section][name] = value
     raw["output"].update(output_dir=str(output_dir), overwrite=True, push_to_hub=None)
     raw["checkpoint"]["resume"] = None
-    return config_from_dict(raw)
+    config = config_from_dict(raw)
+    config.given = base.given | set(params)  # what the user set, plus this trial's values (not every default)
+    return config
 
 
 def pruning_hook(trial, main_metric: str):
@@ -198,6 +230,7 @@ def search(base: Config, space_file: str | None = None, storage: str | None = No
     from tuneloop.data import load_raw
 
     space = load_space(space_file)
+    refuse_fixed_by_the_study(base)
     if n_trials < 1:
         raise ConfigError(f"--n-trials: must be at least 1, got {n_trials}")
     if timeout is not None and timeout <= 0:
@@ -207,6 +240,7 @@ def search(base: Config, space_file: str | None = None, storage: str | None = No
     url = storage or f"sqlite:///{out / 'study.db'}"
     main_metric = load_raw(base.data, need_train=False).main_metric
     study = open_study(url, study_name, pruner, main_metric)
+    space = respect_given(space, base, space_file)  # after the checks that fail, so a failing command says one line
     done = count_finished(study)
     if done >= n_trials:
         print(f"tuneloop: study '{study_name}' already holds {done} finished trials (--n-trials {n_trials})", flush=True)

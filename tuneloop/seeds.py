@@ -108,6 +108,9 @@ def train_seeds(config, seeds: list[int]) -> dict[str, Any]:
     from tuneloop.recipe import train, write_json
 
     out = Path(config.output.output_dir)
+    if "train.seed" in config.given:
+        raise ConfigError(f"train.seed: --seeds sets each run's seed, so --seed {config.train.seed} would apply to "
+                          f"none; drop one of them")
     if (out / SUMMARY).exists() and not config.output.overwrite:
         raise TuneloopError(f"output folder {out} already holds a multi-seed run ({SUMMARY}); "
                             f"pass --overwrite or choose another --output-dir")

@@ -1,0 +1,251 @@
+"""Prediction runtimes and HTTP serving, side by side in one run, on a saved MRPC model.
+
+    HF_HUB_OFFLINE=1 python benchmarks/serving.py --model-dir runs/mrpc/model            # the full run
+    HF_HUB_OFFLINE=1 python benchmarks/serving.py --model-dir runs/mrpc/model --quick    # a few minutes
+
+Prediction rows (MRPC dev, batch 32, each variant loaded once and warmed up): torch fp32, torch int8
+(`predict --quantize int8`), ONNX Runtime fp32 and int8 (`export --format onnx [--quantize int8]`): dev
+accuracy, F1, predictions/s, model size; plus the largest |logit| difference of ORT fp32 from torch.
+Serving rows: `tuneloop serve` in a subprocess, a real HTTP client (httpx, asyncio) on localhost sending
+single-pair requests from `--clients` concurrent connections, with dynamic batching (`--max-batch-size 32`)
+and without (`--max-batch-size 1`): requests/s, p50/p99 latency, errors; then the server's peak RSS over
+`--rss-requests` requests at the highest concurrency. The client shares the machine's cores with the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-dir", required=True, help="saved MRPC model folder (OUT/model)")
+    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "glue" / "MRPC"))
+    p.add_argument("--work-dir", default=str(ROOT / "benchmarks" / "work-serving"), help="ONNX exports and logs")
+    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results-serving.json"))
+    p.add_argument("--quick", action="store_true", help="64 dev rows, 100 requests per point, 500 for RSS")
+    p.add_argument("--requests", type=int, default=2000, help="requests per serving point")
+    p.add_argument("--rss-requests", type=int, default=10000, help="requests over which the server's RSS is watched")
+    p.add_argument("--clients", default="1,8,32", help="concurrent clients per serving point")
+    p.add_argument("--serve-runtime", default="torch", choices=("torch", "onnx"),
+                   help="the runtime `tuneloop serve` runs with (onnx: on the int8 export)")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes over dev per prediction row (median)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.requests, args.rss_requests, args.repeats = 100, 500, 1
+    args.work_dir = Path(args.work_dir)
+    return args
+
+
+def dev_pairs(data_dir: str, limit: int | None = None):
+    import pandas as pd
+
+    dev = pd.read_csv(Path(data_dir) / "dev.tsv", sep="\t", quoting=3, encoding="utf-8-sig")
+    dev = dev.head(limit) if limit else dev
+    return pd.DataFrame({"text": dev["#1 String"], "text_pair": dev["#2 String"]}), dev["Quality"].tolist()
+
+
+def scores(rows: list[dict], gold: list[int], label2id: dict) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    pred = [label2id[r["label"]] for r in rows]
+    return {"accuracy": accuracy_score(gold, pred), "f1": f1_score(gold, pred)}
+
+
+def torch_int8_mb(model) -> float:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell() / 2**20
+
+
+def prediction_rows(args, fp32_dir: Path, int8_dir: Path) -> tuple[list[dict], float]:
+    import numpy as np
+    import torch
+
+    from tuneloop.predict import load_for_prediction, predict_with
+
+    df, gold = dev_pairs(args.data_dir, 64 if args.quick else None)
+    variants = [("torch fp32", args.model_dir, "torch", None), ("torch int8", args.model_dir, "torch", "int8"),
+                ("ORT fp32", fp32_dir, "onnx", None), ("ORT int8", int8_dir, "onnx", None)]
+    rows, logits = [], {}
+    for name, folder, runtime, quantize in variants:
+        model, tokenizer = load_for_prediction(str(folder), quantize, runtime)
+        predict_with(model, tokenizer, df.head(32))  # warm-up: kernel choice, allocator, ORT's first run
+        seconds = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            out = predict_with(model, tokenizer, df)
+            seconds.append(time.perf_counter() - start)
+        size = (torch_int8_mb(model) if quantize else
+                sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) / 2**20) if runtime == "torch" \
+            else (Path(folder) / "model.onnx").stat().st_size / 2**20
+        rows.append({"row": name, **scores(out, gold, model.config.label2id), "predictions_per_second":
+                     len(df) / statistics.median(seconds), "seconds": seconds, "model_mb": size})
+        if quantize is None and name.endswith("fp32"):
+            batch = tokenizer(df.text.tolist(), df.text_pair.tolist(), padding=True, truncation=True,
+                              max_length=512, return_tensors="pt")
+            with torch.inference_mode():
+                logits[runtime] = model(**batch).logits.numpy()
+        print(f"[predict] {name}: {rows[-1]['accuracy']:.4f} acc, {rows[-1]['predictions_per_second']:.1f}/s",
+              flush=True)
+    return rows, float(np.abs(logits["onnx"] - logits["torch"]).max())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_server(folder: Path, runtime: str, max_batch_size: int, log: Path) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "tuneloop", "serve", "--model-dir", str(folder), "--port", str(port),
+           "--runtime", runtime, "--max-batch-size", str(max_batch_size), "--no-access-log"]
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(1200):
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.25)
+    raise RuntimeError("server did not start")
+
+
+async def load(url: str, bodies: list[bytes], clients: int, total: int) -> dict[str, Any]:
+    """`clients` connections, each sending its next request when the last is answered, `total` in all."""
+    import httpx
+
+    latencies, errors, counter = [], 0, iter(range(total))
+
+    async def client(http):
+        nonlocal errors
+        for i in counter:
+            start = time.perf_counter()
+            try:
+                r = await http.post(f"{url}/predict", content=bodies[i % len(bodies)],
+                                    headers={"Content-Type": "application/json"})
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            latencies.append(time.perf_counter() - start)
+            errors += not ok
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(limits=limits, timeout=120) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        wall = time.perf_counter() - start
+    latencies.sort()
+    return {"requests": total, "errors": errors, "requests_per_second": total / wall,
+            "p50_ms": 1000 * latencies[len(latencies) // 2], "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)]}
+
+
+def watch_rss(pid: int, stop: threading.Event, samples: list[float]) -> None:
+    while not stop.is_set():
+        samples.append(rss_mb(pid))
+        time.sleep(0.2)
+
+
+def serving_rows(args, folder: Path, runtime: str) -> tuple[list[dict], dict]:
+    import httpx
+
+    df, _ = dev_pairs(args.data_dir)
+    bodies = [json.dumps({"text": a, "text_pair": b}).encode() for a, b in zip(df.text, df.text_pair)]
+    clients = [int(c) for c in args.clients.split(",")]
+    rows, rss = [], {}
+    for batching, size in (("dynamic batching", 32), ("one at a time", 1)):
+        proc, url = start_server(folder, runtime, size, args.work_dir / f"serve-{size}.log")
+        try:
+            asyncio.run(load(url, bodies, 4, 64))  # warm-up
+            for n in clients:
+                point = asyncio.run(load(url, bodies, n, args.requests))
+                rows.append({"batching": batching, "clients": n, **point,
+                             "largest_batch": httpx.get(f"{url}/metadata").json()["batching"]["largest_batch"]})
+                print(f"[serve] {batching}, {n} clients: {point['requests_per_second']:.1f} req/s, "
+                      f"p50 {point['p50_ms']:.0f} ms, p99 {point['p99_ms']:.0f} ms, {point['errors']} errors", flush=True)
+            if size > 1:
+                before, samples, stop = rss_mb(proc.pid), [], threading.Event()
+                watcher = threading.Thread(target=watch_rss, args=(proc.pid, stop, samples))
+                watcher.start()
+                point = asyncio.run(load(url, bodies, max(clients), args.rss_requests))
+                stop.set()
+                watcher.join()
+                rss = {"requests": args.rss_requests, "rss_before_mb": before, "peak_rss_mb": max(samples),
+                       "rss_after_mb": rss_mb(proc.pid), "errors": point["errors"]}
+                rss["growth_mb"] = rss["rss_after_mb"] - before
+                print(f"[serve] RSS over {args.rss_requests} requests: {before:.0f} -> peak {rss['peak_rss_mb']:.0f} MB",
+                      flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
+    return rows, rss
+
+
+def tables(result: dict) -> str:
+    lines = ["| runtime | dev accuracy | dev F1 | predictions/s | model MB |", "|---|---:|---:|---:|---:|"]
+    for r in result["prediction"]:
+        lines.append(f"| {r['row']} | {r['accuracy']:.4f} | {r['f1']:.4f} | {r['predictions_per_second']:.1f} | "
+                     f"{r['model_mb']:.1f} |")
+    lines += ["", f"ORT fp32 vs torch fp32, largest |logit| difference on dev: {result['max_logit_diff']:.2e}", "",
+              "| serving | clients | requests | errors | requests/s | p50 ms | p99 ms | largest batch since start |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["serving"]:
+        lines.append(f"| {r['batching']} | {r['clients']} | {r['requests']} | {r['errors']} | "
+                     f"{r['requests_per_second']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['largest_batch']} |")
+    rss = result["rss"]
+    lines += ["", f"Server RSS over {rss['requests']} requests: {rss['rss_before_mb']:.0f} MB before, peak "
+                  f"{rss['peak_rss_mb']:.0f} MB, {rss['rss_after_mb']:.0f} MB after (growth {rss['growth_mb']:+.1f} MB), "
+                  f"{rss['errors']} errors"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from tuneloop.onnx_export import export_onnx
+
+    args = parse_args(argv)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    fp32_dir, int8_dir = args.work_dir / "onnx-fp32", args.work_dir / "onnx-int8"
+    export_onnx(args.model_dir, str(fp32_dir), overwrite=True)
+    export_onnx(args.model_dir, str(int8_dir), "int8", overwrite=True)
+    prediction, diff = prediction_rows(args, fp32_dir, int8_dir)
+    folder, runtime = (int8_dir, "onnx") if args.serve_runtime == "onnx" else (Path(args.model_dir), "torch")
+    serving, rss = serving_rows(args, folder, runtime)
+    result = {"model_dir": str(args.model_dir), "quick": args.quick, "serve_runtime": runtime, "cpus": os.cpu_count(),
+              "prediction": prediction, "max_logit_diff": diff, "serving": serving, "rss": rss}
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(tables(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""ONNX export and ONNX Runtime inference: `export --format onnx`, `predict/serve --runtime onnx`.
+
+The exporter is PyTorch's own `torch.onnx.export` (the dynamo exporter, torch's default since 2.9), not
+Optimum's: in Optimum 2.x the ONNX exporter moved to the separate `optimum-onnx` package, one more
+dependency pinned to its own transformers range, while torch's exporter comes with the torch tuneloop
+already runs on and traces the very model `predict` runs (adapters merged, the same attention code).
+The graph has dynamic batch and sequence axes and one output, `logits`. int8 is ONNX Runtime's own
+dynamic quantisation (`onnxruntime.quantization.quantize_dynamic`: int8 weights, one scale per output
+channel as in `predict --quantize int8`, activations quantised per batch).
+
+An exported folder holds `model.onnx`, `config.json` (label names, problem type), the tokenizer files and
+every other settings file of the source folder, so it predicts with onnxruntime, numpy and tokenizers alone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+from tuneloop.errors import ConfigError, TuneloopError
+
+ONNX_FILE = "model.onnx"
+INFO_FILE = "onnx_export.json"  # label names, problem type; how it was written: exporter, opset, int8
+OPSET = 18
+FORMATS = ("onnx",)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".data")
+NOT_COPIED = ("adapter_config.json",)  # the export is a merged, plain model
+
+
+def require_onnxruntime(what: str = "the ONNX runtime", modules: tuple[str, ...] = ("onnxruntime",)):
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise TuneloopError(f"{what} needs {name}, which is not installed: pip install 'tuneloop[onnx]'") from None
+    return importlib.import_module("onnxruntime")
+
+
+def check_format(fmt: str | None) -> str | None:
+    if fmt is not None and fmt not in FORMATS:
+        raise ConfigError(f"--format: {fmt!r} is not supported; choose onnx (or leave it out for a "
+                            f"transformers folder)")
+    return fmt
+
+
+def is_onnx_dir(path: str | Path) -> bool:
+    return (Path(path) / ONNX_FILE).is_file()
+
+
+def logits_module(model, input_names: list[str]):
+    """The classifier as a function of its input tensors returning logits: the graph's one output."""
+    import torch
+
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+            return self.model(**{n: given[n] for n in input_names}).logits
+
+    return LogitsOnly().eval()
+
+
+def sample_inputs(tokenizer, input_names: list[str]):
+    """Two padded pairs of different lengths: no axis of size 1, which the exporter would fix as a constant."""
+    batch = tokenizer(["an example sentence to trace", "a second, longer example sentence to trace the graph"],
+                      ["its pair", "and its pair too"], padding=True, return_tensors="pt")
+    return tuple(batch[n] for n in input_names)
+
+
+def export_graph(model, tokenizer, target: Path) -> list[str]:
+    """Write `target` (one file, weights inside); returns the graph's input names."""
+    import torch
+
+    input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in tokenizer.model_input_names]
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    dynamic = {n: {0: batch, 1: sequence} for n in input_names}
+    import logging
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed. Skipping ..."
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's notes on axis names and pytree deprecations
+        program = torch.onnx.export(logits_module(model, input_names), sample_inputs(tokenizer, input_names),
+                                    input_names=input_names, output_names=["logits"], opset_version=OPSET,
+                                    dynamo=True, dynamic_shapes=dynamic, verbose=False)
+    program.save(str(target), external_data=False)
+    return input_names
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    """int8 weights (one scale per output channel) and per-batch int8 activations, by ONNX Runtime."""
+    require_onnxruntime("int8 ONNX quantisation")
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.getLogger("root").setLevel(logging.ERROR)  # its advice to run pre-processing first, on every call
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+
+
+def copy_settings(source: Path, target: Path) -> None:
+    """Every settings file of the saved folder (label thresholds, long-text settings...), never weights."""
+    for f in Path(source).iterdir():
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in NOT_COPIED:
+            shutil.copy2(f, target / f.name)
+
+
+def export_onnx(model_dir: str, output_dir: str, quantize: str | None = None, overwrite: bool = False) -> Path:
+    """`OUT/model.onnx` from any saved folder (adapters merged), with its tokenizer, config and settings."""
+    from tuneloop.export import check_quantize, load_saved_model
+    from tuneloop.model import build_tokenizer, resolve_model_path
+
+    check_quantize(quantize)
+    require_onnxruntime("ONNX export", ("onnx", "onnxscript", "onnxruntime"))
+    out = Path(output_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise TuneloopError(f"output folder {out} is not empty; pass --overwrite or choose another --output-dir")
+    path = resolve_model_path(model_dir)
+    model = load_saved_model(path).eval()
+    tokenizer = build_tokenizer(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        copy_settings(Path(path), tmp)
+        input_names = export_graph(model, tokenizer, tmp / ONNX_FILE)
+        if quantize == "int8":
+            (tmp / ONNX_FILE).rename(tmp / "model-fp32.onnx")
+            quantize_int8(tmp / "model-fp32.onnx", tmp / ONNX_FILE)
+            (tmp / "model-fp32.onnx").unlink()
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        import torch
+
+        config = model.config
+        regression = config.problem_type == "regression"
+        # Label names spelled out: config.json leaves out transformers' default LABEL_i names.
+        info = {"labels": [config.id2label[i] for i in range(1 if regression else config.num_labels)],
+                "problem_type": config.problem_type or "single_label_classification",
+                "exporter": f"torch.onnx.export (dynamo), torch {torch.__version__}", "opset": OPSET,
+                "inputs": input_names, "outputs": ["logits"], "dynamic_axes": {"0": "batch", "1": "sequence"},
+                "quantize": quantize}
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+class OnnxModel:
+    """An ONNX Runtime session called like a transformers classifier: `model(**batch).logits`, `model.config`."""
+
+    def __init__(self, session, config, quantize: str | None):
+        self.session = session
+        self.config = config
+        self.quantize = quantize
+        self.input_names = [i.name for i in session.get_inputs()]
+
+    def eval(self):
+        return self
+
+    def __call__(self, **batch):
+        import numpy as np
+        import torch
+
+        feed = {n: np.asarray(batch[n], dtype=np.int64) for n in self.input_names}
+        return SimpleNamespace(logits=torch.from_numpy(self.session.run(["logits"], feed)[0]))
+
+
+def saved_quantize(model_dir: str | Path) -> str | None:
+    info = Path(model_dir) / INFO_FILE
+    return json.loads(info.read_text(encoding="utf-8")).get("quantize") if info.is_file() else None
+
+
+def load_onnx_model(model_dir: str, quantize: str | None = None, threads: int | None = None) -> OnnxModel:
+    """The folder's ONNX model in an ONNX Runtime session; `quantize="int8"` quantises an fp32 one on loading."""
+    ort = require_onnxruntime()
+    from transformers import AutoConfig
+
+    folder = Path(model_dir)
+    if not is_onnx_dir(folder):
+        raise TuneloopError(f"--runtime onnx: {folder} holds no {ONNX_FILE}; write one with "
+                            f"tuneloop export --model-dir {folder} --output-dir DIR --format onnx")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    source = folder / ONNX_FILE
+    if quantize == "int8" and saved_quantize(folder) != "int8":
+        with tempfile.TemporaryDirectory() as tmp:
+            quantize_int8(source, Path(tmp) / ONNX_FILE)
+            session = ort.InferenceSession(str(Path(tmp) / ONNX_FILE), options, providers=["CPUExecutionProvider"])
+    else:
+        session = ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    return OnnxModel(session, AutoConfig.from_pretrained(folder), saved_quantize(folder) or quantize)
