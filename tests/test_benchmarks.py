@@ -178,3 +178,20 @@ def test_fast_recipe_tiny_mode_defaults_to_one_checking_seed():
     assert (tiny.seeds, tiny.epochs, tiny.max_train_samples) == ("3", 1, 256)
     assert parse_args(["--tiny", "--seeds", "0,1"]).seeds == "0,1"
     assert parse_args([]).seeds == "3,4,5,6,7"
+
+
+def test_data_problems_hides_the_evidence_past_the_first_window_and_subsamples_positives():
+    from benchmarks import data_problems as dp
+    from tuneloop.model import build_tokenizer
+
+    tok = build_tokenizer(None)
+    docs = dp.long_documents(20, "dev", 0, tok)
+    sst = dp.read_tsv(dp.GLUE / "SST-2" / "dev.tsv").sample(20, random_state=0)
+    for text, sentence, label in zip(docs["text"], sst["sentence"], sst["label"]):
+        before = text[: text.index(sentence.strip())]
+        assert len(tok(before, add_special_tokens=False)["input_ids"]) >= 128  # truncation at 128 never sees it
+        assert (label == "1") == (docs["label"][docs["text"] == text].item() == "positive")
+    full, sub = dp.mrpc_frame("train"), dp.imbalanced_train(0)
+    n_pos = (full["label"] == "equivalent").sum()
+    assert (sub["label"] == "equivalent").sum() == round(0.1 * n_pos)
+    assert (sub["label"] == "not_equivalent").sum() == (full["label"] == "not_equivalent").sum()

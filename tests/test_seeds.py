@@ -25,7 +25,8 @@ def test_seeds_summary_equals_the_per_seed_results(tiny_model_dir, mrpc_slice, t
     assert summary["seeds"] == [3, 1, 2] and summary["main_metric"] == "f1"
     per_seed = {s: json.loads((out / f"seed-{s}" / "eval_results.json").read_text()) for s in (3, 1, 2)}
     assert [yaml.safe_load((out / f"seed-{s}" / "config.yaml").read_text())["train"]["seed"] for s in (3, 1, 2)] == [3, 1, 2]
-    assert list(summary["metrics"]) == ["f1", "accuracy", "loss"]
+    assert list(summary["metrics"]) == ["f1", "accuracy", "f1_macro", "precision_not_equivalent", "precision_equivalent",
+                                        "recall_not_equivalent", "recall_equivalent", "loss"]
     for name, m in summary["metrics"].items():
         values = [per_seed[s][name] for s in (3, 1, 2)]
         assert m["values"] == values

@@ -63,6 +63,7 @@ def build_card(config, results: dict[str, Any], task_name: str | None, metrics: 
         lines += [f"| {m} | {results[m]:.4f} |" for m in metrics if isinstance(results.get(m), (int, float))]
         lines += ["", "One seed only: on small dev sets (MRPC: 408 examples) scores move by 1-2 points between seeds; "
                       "`tuneloop train --seeds 0,1,2` measures the spread."]
+    lines += per_class_lines(results)
     lines += ["", "## Hyperparameters", "", "| name | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in hyper.items()]
     lines += ["", "## Intended use and limits", "",
@@ -73,6 +74,17 @@ def build_card(config, results: dict[str, Any], task_name: str | None, metrics: 
               "", "## How to use", "", "```python", "from transformers import pipeline",
               "classifier = pipeline('text-classification', model='PATH_OR_REPO_ID')", "```", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def per_class_lines(results: dict[str, Any]) -> list[str]:
+    """Each class's precision and recall (accuracy hides a neglected minority class), and macro-F1."""
+    classes = [k[len("recall_"):] for k in results if k.startswith("recall_")]
+    if not classes:
+        return []
+    lines = ["", f"Macro-F1: {results['f1_macro']:.4f}." if "f1_macro" in results else "", "",
+             "| class | precision | recall |", "|---|---|---|"]
+    return lines + [f"| {c} | {results.get(f'precision_{c}', float('nan')):.4f} | {results[f'recall_{c}']:.4f} |"
+                    for c in classes]
 
 
 def write_model_card(model_dir: Path, config, results: dict[str, Any], task_name: str | None, metrics,

@@ -106,6 +106,8 @@ def add_train_command(sub) -> None:
     train.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     train.add_argument("--seeds", metavar="S,S,...", help="train once per seed into OUT/seed-S/ and summarise the spread "
                                                           "(seeds_summary.json: mean, std, bootstrap 95%% CI)")
+    train.add_argument("--folds", metavar="K", help="K-fold cross-validation of the training split into OUT/fold-i/ "
+                                                    "(stratified by label), folds_summary.json and oof_predictions.jsonl")
     add_config_flags(train)
 
 
@@ -223,6 +225,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = parse_config(args)
     if args.print_config:
         print(config.to_yaml(), end="")
+        return 0
+    if args.folds is not None:
+        from tuneloop.folds import parse_folds, train_folds
+
+        k = parse_folds(args.folds)
+        if args.seeds is not None or launch.needs_launcher(config.launch):
+            raise ConfigError("--folds: give it alone (not with --seeds or --num-processes)")
+        train_folds(config, k)
         return 0
     if args.seeds is not None:
         from tuneloop.seeds import parse_seeds, train_seeds
@@ -359,7 +369,7 @@ def _unknown_option_error(argv: list[str], command: str | None) -> None:
     """Name the closest valid flag for a typo, before argparse's generic message."""
     known = {f"--{p}" for p in field_paths()} | {f"--{n.replace('_', '-')}" for n in short_names()}
     known |= {"--config", "--print-config", "--debug", "--model-dir", "--input", "--output", "--batch-size",
-              "--quantize", "--output-dir", "--overwrite", "--seeds", "--search-space", "--storage", "--study-name",
+              "--quantize", "--output-dir", "--overwrite", "--seeds", "--folds", "--search-space", "--storage", "--study-name",
               "--n-trials", "--timeout", "--pruner", "--alpha", "--runtime", "--format"}
     known |= {f"--{f.replace('_', '-')}" for f in serve_flag_names()} | {"--no-access-log"}
     for token in argv:

@@ -47,6 +47,12 @@ class DataConfig:
     # number of shapes, which cut peak RSS by a quarter at the same speed. GPUs' tensor cores want 8 too.
     pad_to_multiple_of: int | None = _f(8, "round padded lengths up to a multiple of this (fewer shapes: less memory for "
                                            "kernel caches, compilers, tensor cores; null: exact longest)")
+    long_text: Literal["truncate", "head-tail", "chunk"] = _f("truncate", "texts longer than max_length: truncate (keep "
+                                                                        "the start), head-tail (keep start and end), "
+                                                                        "or chunk (overlapping windows, aggregated "
+                                                                        "per document)")
+    stride: int = _f(32, "chunk: tokens shared by neighbouring windows (below max_length)")
+    chunk_aggregation: Literal["mean", "max"] = _f("mean", "chunk: a document's logits are the mean or max of its windows'")
     group_by_length: bool = _f(True, "batch examples of similar length together (less padding, same samples per epoch)")
     cache_dir: str | None = _f(None, "where tokenised datasets are cached (default: $TUNELOOP_CACHE or ~/.cache/tuneloop)")
     dataset: str | None = _f(None, "any Hugging Face dataset, loaded with datasets.load_dataset: a Hub name (imdb, "
@@ -119,6 +125,8 @@ class TrainConfig:
     seed: int = _f(0, "seed for weights of new heads, dropout and data order")
     log_every: int = _f(10, "log loss and learning rate every N optimizer steps")
     nan_policy: Literal["stop", "skip"] = _f("stop", "on a NaN/infinite loss: stop with a message, or skip that update and count it")
+    class_weights: str = _f("none", "weight each class's loss: none, balanced (inverse frequency in the training "
+                                    "split, scikit-learn's n / (classes x count)) or one weight per class, w1,w2,...")
 
 
 @dataclass
@@ -127,6 +135,9 @@ class EvalConfig:
     eval_batch_size: int = _f(32, "examples per device per evaluation batch")
     early_stopping_patience: int | None = _f(None, "stop after N evaluations in a row without a new best main metric (null: never)")
     load_best_model: bool = _f(False, "save the weights of the best evaluation (by the main metric) as the model, not the last")
+    calibrate: bool = _f(False, "after training, fit temperature scaling on the validation split and fold it into the "
+                                "classifier's last layer (every loader gets calibrated probabilities); ECE and Brier "
+                                "score before and after go to eval_results.json and calibration.json")
 
 
 @dataclass
@@ -455,6 +466,7 @@ def validate(config: Config) -> None:
     check_report_to(config.output.report_to)
     validate_launch(config.launch)
     validate_peft(config)
+    validate_problem(config)
 
 
 def _check_at_least_one(values: dict[str, int | None], message: str = "must be at least 1") -> None:
@@ -561,6 +573,21 @@ def validate_launch(la: LaunchConfig) -> None:
         raise ConfigError("launch.main_process_ip: several machines need the address of machine 0 (--main-process-ip)")
     if la.main_process_port is not None and not 0 < la.main_process_port < 65536:
         raise ConfigError(f"launch.main_process_port: must be a port number (1-65535), got {la.main_process_port}")
+
+
+def validate_problem(config: Config) -> None:
+    """Settings about the kind of problem: class weights, calibration, long documents."""
+    from tuneloop.problems import parse_class_weights
+
+    parse_class_weights(config.train.class_weights)
+    from tuneloop.tasks import TASKS
+
+    d = config.data
+    if config.eval.calibrate and d.task in TASKS and TASKS[d.task].is_regression:
+        raise ConfigError(f"eval.calibrate: temperature scaling calibrates class probabilities; {d.task} is a "
+                          f"regression task (drop --calibrate)")
+    if d.stride < 0 or (d.long_text == "chunk" and d.stride >= d.max_length):
+        raise ConfigError(f"data.stride: must be in 0..max_length - 1 ({d.max_length - 1}), got {d.stride}")
 
 
 def validate_peft(config: Config) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from tuneloop.chunking import encode
 from tuneloop.config import DataConfig
 from tuneloop.cells import text_column
 from tuneloop.errors import DataError
@@ -359,7 +360,8 @@ def tokenize_splits(raw: RawData, tokenizer, cfg: DataConfig) -> dict[str, Any]:
         rows = hashlib.sha256(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes()).hexdigest()
         key = hashlib.sha256(json.dumps([
             rows, len(df), list(df.columns), [str(t) for t in df.dtypes],
-            tokenizer_fingerprint(tokenizer), cfg.max_length, 3,  # bump the last number when the layout changes
+            tokenizer_fingerprint(tokenizer), cfg.max_length, cfg.long_text, cfg.stride,
+            3,  # bump the last number when the layout changes
         ]).encode()).hexdigest()[:20]
         path = cache_root / "tokenized" / key
         if (path / "dataset_info.json").exists():
@@ -370,11 +372,14 @@ def tokenize_splits(raw: RawData, tokenizer, cfg: DataConfig) -> dict[str, Any]:
                 log.warning("ignoring unreadable tokenisation cache %s: %s", path, e)
         texts = df["text"].tolist()
         pairs = df["text_pair"].tolist() if "text_pair" in df.columns else None
-        enc = tokenizer(texts, pairs, truncation=True, max_length=cfg.max_length)
+        enc, docs = encode(tokenizer, texts, pairs, cfg.long_text, cfg.max_length, cfg.stride)
         columns = {k: v for k, v in enc.items()}
         columns["length"] = [len(ids) for ids in enc["input_ids"]]
         if "label" in df.columns:
-            columns["labels"] = df["label"].tolist()
+            labels = df["label"].tolist()
+            columns["labels"] = labels if docs is None else [labels[d] for d in docs]  # each window: its document's
+        if docs is not None:
+            columns["doc"] = docs
         ds = datasets.Dataset.from_dict(columns)
         try:
             tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -406,4 +411,9 @@ class Collator:
                                              pad_to_multiple_of=None if fixed else cfg.pad_to_multiple_of or pad_to_multiple_of)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        return self.inner([{k: v for k, v in f.items() if k != "length"} for f in features])
+        batch = self.inner([{k: v for k, v in f.items() if k not in ("length", "doc")} for f in features])
+        if "doc" in features[0]:  # long documents in windows: which document each window belongs to
+            import torch
+
+            batch["doc"] = torch.tensor([f["doc"] for f in features])
+        return batch

@@ -58,8 +58,15 @@ def predict_batches(model, dataloader, accelerator, is_regression: bool):
         yield preds, scores, labels, loss_sum
 
 
-def evaluate(model, dataloader, accelerator, metrics: tuple[str, ...], is_regression: bool) -> dict[str, float]:
-    """Loss and task metrics over one labelled split; identical for 1 or N processes."""
+def evaluate(model, dataloader, accelerator, metrics: tuple[str, ...], is_regression: bool,
+             label_names: list[str] | None = None, aggregation: str = "mean") -> dict[str, float]:
+    """Loss and task metrics over one labelled split (with `label_names`, also macro-F1 and per-class
+    precision/recall); identical for 1 or N processes."""
+    from tuneloop.problems import per_class_metrics
+
+    if "doc" in dataloader.dataset.column_names:  # windows of long documents: one row per document
+        return evaluate_documents(model, dataloader, accelerator, metrics, is_regression, label_names, aggregation)
+
     all_preds, all_labels, loss_total, count = [], [], 0.0, 0
     was_training = model.training
     for preds, _scores, labels, per_example_loss in predict_batches(model, dataloader, accelerator, is_regression):
@@ -72,5 +79,26 @@ def evaluate(model, dataloader, accelerator, metrics: tuple[str, ...], is_regres
     predictions, labels = np.concatenate(all_preds), np.concatenate(all_labels)
     result = {"loss": loss_total / count if count else math.nan}
     result.update(compute_metrics(metrics, predictions, labels))
+    if label_names and not is_regression:
+        result.update(per_class_metrics(predictions, labels, label_names))
     result["num_examples"] = int(count)
+    return result
+
+
+def evaluate_documents(model, dataloader, accelerator, metrics: tuple[str, ...], is_regression: bool,
+                       label_names: list[str] | None, aggregation: str) -> dict[str, float]:
+    """Metrics over documents whose windows' logits are aggregated (tuneloop.chunking): each document once."""
+    from tuneloop.chunking import document_logits, document_loss, document_predictions
+    from tuneloop.problems import per_class_metrics
+
+    was_training = model.training
+    _, logits, labels = document_logits(model, dataloader, accelerator, aggregation)
+    if was_training:
+        model.train()
+    predictions, _ = document_predictions(logits, is_regression)
+    result = {"loss": document_loss(logits, labels, is_regression)}
+    result.update(compute_metrics(metrics, predictions, labels))
+    if label_names and not is_regression:
+        result.update(per_class_metrics(predictions, labels, label_names))
+    result["num_examples"] = int(len(labels))
     return result

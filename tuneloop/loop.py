@@ -19,6 +19,7 @@ from tuneloop.checkpoint import save_checkpoint
 from tuneloop.early_stopping import after_evaluation
 from tuneloop.evaluate import evaluate
 from tuneloop.guard import NonFiniteLoss, StepGuard  # noqa: F401  (NonFiniteLoss: re-exported)
+from tuneloop.problems import model_loss
 from tuneloop.signals import Interrupted, StopRequest
 
 
@@ -68,13 +69,16 @@ class Run:
     stop: StopRequest = field(default_factory=lambda: StopRequest(announce=False))
     rank_budget: Any = None  # tuneloop.adapters.AdaLoraBudget for AdaLoRA runs
     best_weights: dict[str, torch.Tensor] | None = None  # CPU copy for load_best_model when no checkpoint has them
+    loss: Callable[[torch.nn.Module, dict], torch.Tensor] = model_loss
+    class_weights: list[float] | None = None
 
 
 def run_evaluation(run: Run) -> dict[str, float]:
     """Metrics of every evaluation split; the first split's names are unprefixed."""
     results = {}
     for i, (split, dataloader) in enumerate(run.eval_dataloaders.items()):
-        metrics = evaluate(run.model, dataloader, run.accelerator, run.metrics, run.is_regression)
+        metrics = evaluate(run.model, dataloader, run.accelerator, run.metrics, run.is_regression,
+                           run.raw.label_names if run.raw is not None else None, run.config.data.chunk_aggregation)
         prefix = "" if i == 0 else f"{split}_"
         results.update({f"{prefix}{k}": v for k, v in metrics.items()})
     return results
@@ -112,7 +116,7 @@ def train_loop(run: Run) -> dict[str, float]:
             n = local_sizes[state.batch_in_epoch]
             window = state.batch_in_epoch // accumulation
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                loss = run.loss(model, batch)  # the model's own, or class-weighted (tuneloop.problems)
                 # accelerator.backward divides by the accumulation steps and DDP averages over processes;
                 # undo both and weight this micro-batch by its share of the window's examples, so K
                 # micro-batches (or a short last window) give the same update as one big batch.

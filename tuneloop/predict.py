@@ -112,26 +112,36 @@ def label_scores(logits: torch.Tensor, id2label: dict, regression: bool, all_sco
 
 def predict_texts(model, tokenizer, texts: list[str], pairs: list[str] | None = None, batch_size: int = 32,
                   max_length: int = 512, all_scores: bool = False) -> list[dict]:
-    """The one prediction path of `predict` and `serve`: truncate, sort by length, pad per batch, label."""
+    """The one prediction path of `predict` and `serve`: truncate, sort by length, pad per batch, label.
+
+    A model trained with --long-text head-tail or chunk reads its inputs the same way (the settings are in its
+    config.json); a chunked document's label comes from its windows' aggregated logits."""
+    import numpy as np
+
+    from tuneloop.chunking import aggregate, encode
+
     id2label = model.config.id2label
     regression = model.config.problem_type == "regression"
-    limit = max_input_length(tokenizer, max_length, model.config)
+    long_text = getattr(model.config, "tuneloop_long_text", None) or {}
+    limit = max_input_length(tokenizer, long_text.get("max_length", max_length), model.config)
     check_room_for_text(tokenizer, limit, pairs is not None)
-    encoded = tokenizer(texts, pairs, truncation=True, max_length=limit)
-    order = sorted(range(len(texts)), key=lambda i: -len(encoded["input_ids"][i]))
-    results: list[dict | None] = [None] * len(texts)
-    progress = tqdm(total=len(texts), desc="predict", unit="row", disable=len(texts) < PROGRESS_MIN_ROWS,
+    encoded, docs = encode(tokenizer, texts, pairs, long_text.get("long_text", "truncate"), limit,
+                           long_text.get("stride", 0))
+    order = sorted(range(len(encoded["input_ids"])), key=lambda i: -len(encoded["input_ids"][i]))
+    logits = torch.zeros(len(order), model.config.num_labels)
+    progress = tqdm(total=len(order), desc="predict", unit="row", disable=len(texts) < PROGRESS_MIN_ROWS,
                     file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 30)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             rows = order[start: start + batch_size]
             batch = tokenizer.pad([{k: encoded[k][i] for k in encoded} for i in rows], return_tensors="pt")
-            out = label_scores(model(**batch).logits.float(), id2label, regression, all_scores)
-            for i, row in zip(rows, out):
-                results[i] = row
+            logits[rows] = model(**batch).logits.float()
             progress.update(len(rows))
     progress.close()
-    return results
+    if docs is not None:
+        how = long_text.get("chunk_aggregation", "mean")
+        logits = torch.from_numpy(aggregate(logits.numpy(), np.asarray(docs), how)[1])
+    return label_scores(logits, id2label, regression, all_scores)
 
 
 def write_predictions(rows: Iterator[dict], out: TextIO) -> int:

@@ -54,6 +54,13 @@ def summarize(raw, tokenized, tokenizer, collator, config) -> str:
     truncated = sum(1 for n in lengths if n >= config.data.max_length)
     lines.append(f"{split} token lengths: p50 {p[0]:.0f}, p90 {p[1]:.0f}, p95 {p[2]:.0f}, p99 {p[3]:.0f}, "
                  f"max {p[4]:.0f}; {truncated} example(s) truncated at max_length {config.data.max_length}")
+    if "doc" in ds.column_names:
+        from tuneloop.chunking import chunk_summary
+
+        c = chunk_summary(ds["doc"])
+        lines.append(f"long_text chunk (stride {config.data.stride}): {c['windows']} windows of at most "
+                     f"{config.data.max_length} tokens for {len(set(ds['doc']))} documents; windows per document: "
+                     f"mean {c['windows_per_document']['mean']}, max {c['windows_per_document']['max']}")
     for grouped in (False, True):
         share = padding_share(lengths, 8, config.train.seed, grouped, config.data.pad_to_multiple_of)
         lines.append(f"padding share of a batch-size-8 epoch{' grouped by length' if grouped else ''}: {share:.1%}")

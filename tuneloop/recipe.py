@@ -25,15 +25,18 @@ from tuneloop.compiling import compile_padding, dynamo_kwargs, mark_cudagraph_st
 from tuneloop.devices import resolve_for_device
 from tuneloop.data import Collator, RawData, load_raw, tokenize_splits
 from tuneloop.evaluate import evaluate
-from tuneloop.errors import DataError, TuneloopError
+from tuneloop.errors import ConfigError, DataError, TuneloopError
 from tuneloop.launch import accelerator_kwargs, check_processes, is_main_process
 from tuneloop.loop import Run, TrainingState, run_evaluation, train_loop
 from tuneloop.model import (apply_layer_options, build_model, build_tokenizer, capped_max_length, resolve_attention,
                             resolve_model_path, saved_label_names,
                             enable_gradient_checkpointing, use_fast_dropout)
 from tuneloop.optim import build_optimizer, build_scheduler, num_training_steps
+from tuneloop.problems import build_loss
 from tuneloop.precision import accelerate_precision, apply_tf32, check_device_precision, reconcile_mixed_precision
 from tuneloop.signals import StopRequest
+from tuneloop.calibration import calibrate, summary as calibration_summary
+from tuneloop.chunking import remember_long_text
 from tuneloop.card import push_to_hub, write_model_card
 from tuneloop.early_stopping import load_best_weights
 from tuneloop.report import dev_predictions, run_summary, write_predictions
@@ -123,6 +126,34 @@ def load_data(config: Config, tokenizer, accelerator, label_names=None, need_tra
     return raw, tokenized
 
 
+def train_dataloader(config: Config, dataset, collator, accelerator):
+    """The epoch batch sampler (sharded across processes by us) and the DataLoader over it."""
+    from accelerate.data_loader import prepare_data_loader
+
+    sampler = EpochBatchSampler(dataset["length"], config.train.batch_size, config.train.seed,
+                                group_by_length=config.data.group_by_length,
+                                num_processes=accelerator.num_processes, process_index=accelerator.process_index,
+                                accumulation_steps=config.train.gradient_accumulation_steps)
+    # Each DataLoader iterator draws a seed from its generator; with the default (global) one, every
+    # epoch start and every evaluation would shift the dropout RNG, so a resumed run would diverge.
+    # On a GPU, batches are copied from pinned memory without blocking: a blocking copy waits for the GPU.
+    on_gpu = accelerator.device.type == "cuda"
+    train_dl = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
+                                           generator=torch.Generator(), pin_memory=on_gpu)
+    # Our sampler already shards across processes: Accelerate only places batches on the device
+    # and tracks the end of the epoch for gradient accumulation.
+    return sampler, prepare_data_loader(train_dl, device=accelerator.device, num_processes=1, process_index=0,
+                                        put_on_device=True, rng_types=[], non_blocking=on_gpu)
+
+
+def check_calibration(config: Config, raw: RawData) -> None:
+    if config.eval.calibrate and raw.is_regression:
+        raise ConfigError("eval.calibrate: temperature scaling calibrates class probabilities; this is a regression "
+                          "task (drop --calibrate)")
+    if config.eval.calibrate and not raw.eval_splits:
+        raise ConfigError("eval.calibrate: needs a validation split to fit the temperature on (--validation-file)")
+
+
 def training_padding(config: Config) -> int | None:
     """A compiled model recompiles per new input shape (and records a CUDA graph per shape): padding bounds that."""
     padding = compile_padding(config.train.compile, config.data.pad_to_multiple_of)
@@ -134,7 +165,6 @@ def training_padding(config: Config) -> int | None:
 
 def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     """Data, model, optimizer and schedule, prepared by Accelerate: everything `train_loop` needs."""
-    from accelerate.data_loader import prepare_data_loader
     from accelerate.utils import set_seed
 
     set_seed(config.train.seed)
@@ -143,29 +173,21 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     for split in ["train", *raw.eval_splits]:
         if "labels" not in tokenized[split].column_names:
             raise DataError(f"{split} split has no labels")
+    check_calibration(config, raw)
     collator = Collator(tokenizer, dataclasses.replace(config.data, pad_to_multiple_of=training_padding(config)))
     # The classifier head is initialised from the seed set above, so runs are reproducible.
     model = build_model(config.model.name_or_path, raw.label_names,
                         resolve_attention(config.model.attn_implementation, accelerator.device.type),
                         attention_dropout=config.model.attention_dropout)
     apply_layer_options(model, config.model.reinit_layers, config.optim.embeddings)
+    remember_long_text(model.config, config.data)  # `tuneloop predict` reads long inputs the same way
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
 
-    sampler = EpochBatchSampler(tokenized["train"]["length"], config.train.batch_size, config.train.seed,
-                                group_by_length=config.data.group_by_length,
-                                num_processes=accelerator.num_processes, process_index=accelerator.process_index,
-                                accumulation_steps=config.train.gradient_accumulation_steps)
-    # Each DataLoader iterator draws a seed from its generator; with the default (global) one, every
-    # epoch start and every evaluation would shift the dropout RNG, so a resumed run would diverge.
-    # On a GPU, batches are copied from pinned memory without blocking: a blocking copy waits for the GPU.
-    on_gpu = accelerator.device.type == "cuda"
-    train_dl = torch.utils.data.DataLoader(tokenized["train"], batch_sampler=sampler, collate_fn=collator,
-                                           generator=torch.Generator(), pin_memory=on_gpu)
-    # Our sampler already shards across processes: Accelerate only places batches on the device
-    # and tracks the end of the epoch for gradient accumulation.
-    train_dl = prepare_data_loader(train_dl, device=accelerator.device, num_processes=1, process_index=0,
-                                   put_on_device=True, rng_types=[], non_blocking=on_gpu)
+    train_windows = tokenized["train"].remove_columns([c for c in ["doc"] if c in tokenized["train"].column_names])
+    sampler, train_dl = train_dataloader(config, train_windows, collator, accelerator)
+    loss, class_weights = build_loss(config.train.class_weights, raw.splits["train"]["label"], raw.label_names,
+                                     accelerator.device)
     eval_dls = {s: eval_dataloader(tokenized[s], collator, config.eval.eval_batch_size) for s in raw.eval_splits}
 
     total_steps = num_training_steps(len(sampler), config.train.epochs, config.train.gradient_accumulation_steps)
@@ -188,7 +210,8 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     run = Run(config=config, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
               train_dataloader=train_dl, train_sampler=sampler, eval_dataloaders=eval_dls, metrics=raw.metrics,
               main_metric=raw.main_metric, is_regression=raw.is_regression, num_training_steps=total_steps,
-              log=log_fn, state=state, tokenizer=tokenizer, raw=raw, rank_budget=budget)
+              log=log_fn, state=state, tokenizer=tokenizer, raw=raw, rank_budget=budget, loss=loss,
+              class_weights=class_weights)
     return run
 
 
@@ -234,7 +257,12 @@ def describe_run(run: Run) -> str:
     return (f"tuneloop: {sizes} | {acc.num_processes} process(es) on {acc.device}, precision {acc.mixed_precision} | "
             f"global batch {global_batch} = {cfg.train.batch_size} per device x {acc.num_processes} x "
             f"{cfg.train.gradient_accumulation_steps} accumulation | {run.num_training_steps} optimizer steps | "
-            + (f"peft {cfg.peft.method}: " if cfg.peft.method != "none" else "") + describe_parameters(run.model))
+            + (f"peft {cfg.peft.method}: " if cfg.peft.method != "none" else "") + describe_parameters(run.model)
+            + (f" | class weights {describe_weights(run)}" if run.class_weights else ""))
+
+
+def describe_weights(run: Run) -> str:
+    return ", ".join(f"{name} {w:.3f}" for name, w in zip(run.raw.label_names, run.class_weights))
 
 
 def train(config: Config, hooks: list | None = None) -> dict[str, float]:
@@ -281,20 +309,31 @@ def train(config: Config, hooks: list | None = None) -> dict[str, float]:
                           and r["step"] == state.best_step), None)  # the log is on process 0's machine
         if best_eval is not None:
             results = {k: v for k, v in best_eval.items() if k not in ("type", "step", "epoch")}
-    if run.eval_dataloaders:
-        predictions = dev_predictions(run)  # every process takes part in the gathers
-    if accelerator.is_main_process:
-        save_model(run, out)
-        write_json(out / "eval_results.json", {**results, "step": state.step, "epoch": state.epoch, **best})
-        plot_learning_curves(metrics_log.records(), out / "learning_curves.png", run.main_metric)
-        if run.eval_dataloaders:
-            write_predictions(predictions, out / "predictions.jsonl")
-        write_json(out / "run_summary.json", run_summary(run, seconds))
-        write_model_card(out / "model", config, results, run.raw.task_name, run.raw.metrics)
+    calibration = calibrate(run) if config.eval.calibrate else None  # every process folds the same T
+    if calibration is not None:
+        results = {**results, **calibration_summary(calibration)}
+    write_outputs(run, out, {**results, "step": state.step, "epoch": state.epoch, **best}, seconds, calibration)
     end_training(run)
     if accelerator.is_main_process and config.output.push_to_hub:
         push_to_hub(out / "model", config.output.push_to_hub)
     return results
+
+
+def write_outputs(run: Run, out: Path, final: dict[str, Any], seconds: float, calibration: dict | None) -> None:
+    """The finished run's files: model, eval_results, curves, predictions, summary, card (and calibration)."""
+    if run.eval_dataloaders:
+        predictions = dev_predictions(run)  # every process takes part in the gathers
+    if not run.accelerator.is_main_process:
+        return
+    save_model(run, out)
+    write_json(out / "eval_results.json", final)
+    plot_learning_curves(run.log.records(), out / "learning_curves.png", run.main_metric)
+    if run.eval_dataloaders:
+        write_predictions(predictions, out / "predictions.jsonl")
+    if calibration is not None:
+        write_json(out / "calibration.json", calibration)
+    write_json(out / "run_summary.json", run_summary(run, seconds))
+    write_model_card(out / "model", run.config, final, run.raw.task_name, run.raw.metrics)
 
 
 def end_training(run: Run) -> None:
@@ -323,4 +362,5 @@ def evaluate_model(config: Config) -> dict[str, dict[str, float]]:
     collator = Collator(tokenizer, config.data)
     dls = [eval_dataloader(tokenized[s], collator, config.eval.eval_batch_size) for s in splits]
     model, *dls = accelerator.prepare(model, *dls)
-    return {s: evaluate(model, dl, accelerator, raw.metrics, raw.is_regression) for s, dl in zip(splits, dls)}
+    return {s: evaluate(model, dl, accelerator, raw.metrics, raw.is_regression, raw.label_names,
+                        config.data.chunk_aggregation) for s, dl in zip(splits, dls)}

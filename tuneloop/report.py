@@ -34,6 +34,13 @@ def dev_predictions(run) -> dict[str, Any]:
     from tuneloop.evaluate import predict_batches
 
     split, dataloader = next(iter(run.eval_dataloaders.items()))
+    if "doc" in dataloader.dataset.column_names:  # long documents in windows: one row per document
+        from tuneloop.chunking import document_logits, document_predictions
+
+        ids, logits, labels = document_logits(run.model, dataloader, run.accelerator, run.config.data.chunk_aggregation)
+        preds, scores = document_predictions(logits, run.is_regression)
+        rows = list(zip(ids.tolist(), preds.tolist(), scores.tolist(), labels.tolist()))
+        return {"split": split, "rows": rows, "frame": run.raw.splits[split], "label_names": run.raw.label_names}
     lengths = dataloader.dataset["length"]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # the evaluation sampler's order
     preds, scores, labels = [], [], []
@@ -78,6 +85,8 @@ def run_summary(run, train_seconds: float) -> dict[str, Any]:
     lengths = {"train": run.train_sampler.lengths, **{s: dl.dataset["length"] for s, dl in run.eval_dataloaders.items()}}
     for split, frame in raw.splits.items():
         entry: dict[str, Any] = {"examples": len(frame)}
+        if split in lengths and run.config.data.long_text == "chunk":
+            entry["windows"] = len(lengths[split])
         if split in lengths:
             arr = np.asarray(lengths[split])
             entry["tokens"] = {"mean": round(float(arr.mean()), 1), "p50": int(np.percentile(arr, 50)),
@@ -98,7 +107,8 @@ def run_summary(run, train_seconds: float) -> dict[str, Any]:
             "samples_seen": state.samples_seen,
             "samples_per_second": round(state.samples_seen / train_seconds, 2) if train_seconds > 0 else None,
             "memory": memory, "device": str(device), "processes": run.accelerator.num_processes,
-            "precision": run.accelerator.mixed_precision}
+            "precision": run.accelerator.mixed_precision,
+            "class_weights": dict(zip(raw.label_names, run.class_weights)) if run.class_weights else None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,6 +164,23 @@ def _confusion_png(rows: list[dict[str, Any]], names: list[str]) -> tuple[str, l
     return _png(fig), matrix.tolist()
 
 
+def reliability_png(calibration: dict[str, Any]) -> str:
+    """Accuracy against confidence per bin, before and after temperature scaling (cross-fitted)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), constrained_layout=True)
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, label="perfectly calibrated")
+    for key, name in (("reliability_before", "before"), ("reliability_after", "after")):
+        bins = calibration[key]
+        ece = calibration[f"ece_{name}"]
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o",
+                label=f"{name} (ECE {ece:.3f})")
+    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+           title=f"reliability, T = {calibration['temperature']:.3f}")
+    ax.legend(loc="upper left")
+    return _png(fig)
+
+
 def _scatter_png(rows: list[dict[str, Any]]) -> str:
     import matplotlib.pyplot as plt
 
@@ -180,6 +207,7 @@ def run_section(run_dir: Path) -> dict[str, Any]:
     records = _records(run_dir)
     results = _read_json(run_dir / "eval_results.json") or {}
     summary = _read_json(run_dir / "run_summary.json") or {}
+    calibration = _read_json(run_dir / "calibration.json")
     main_metric = results.get("main_metric") or "accuracy"
     curves = _file_png(run_dir / "learning_curves.png")
     if curves is None and records:  # an unfinished run: draw what it logged so far
@@ -212,6 +240,7 @@ def run_section(run_dir: Path) -> dict[str, Any]:
         "throughput": {"median": float(np.median(throughput)), "min": min(throughput), "max": max(throughput)}
         if throughput else None,
         "finished": bool(results),
+        "reliability": reliability_png(calibration) if calibration else None,
     }
 
 

@@ -68,19 +68,25 @@ def summarize(out: str | Path, seeds: list[int]) -> dict[str, Any]:
         if not path.is_file():
             raise TuneloopError(f"seed {seed} has no results ({path} is missing)")
         results[seed] = json.loads(path.read_text(encoding="utf-8"))
-    first = results[seeds[0]]
+    return {"seeds": seeds, **summarize_results(results, "seeds")}
+
+
+def summarize_results(results: dict[int, dict[str, Any]], runs_key: str) -> dict[str, Any]:
+    """Per-metric spread over runs (seeds, folds): every numeric metric that all runs have."""
+    runs = list(results)
+    first = results[runs[0]]
     names = [k for k, v in first.items() if k not in NOT_METRICS and isinstance(v, (int, float))
              and not isinstance(v, bool) and all(isinstance(r.get(k), (int, float)) for r in results.values())]
     main = first.get("main_metric")
     names.sort(key=lambda k: (k != main, k == "loss"))  # the main metric first, the loss last
-    return {"seeds": seeds, "main_metric": main, "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
+    return {"main_metric": main, "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
             "bootstrap_method": "percentile", "std_ddof": 1,
-            "metrics": {k: {**spread([results[s][k] for s in seeds]), "seeds": seeds} for k in names}}
+            "metrics": {k: {**spread([results[r][k] for r in runs]), runs_key: runs} for k in names}}
 
 
-def format_table(summary: dict[str, Any]) -> str:
-    seeds = summary["seeds"]
-    head = ["metric", *[f"seed {s}" for s in seeds], "mean", "std", "95% CI of the mean"]
+def format_table(summary: dict[str, Any], runs_key: str = "seeds", run_name: str = "seed") -> str:
+    seeds = summary[runs_key]
+    head = ["metric", *[f"{run_name} {s}" for s in seeds], "mean", "std", "95% CI of the mean"]
     rows = [[name, *[f"{v:.4f}" for v in m["values"]], f"{m['mean']:.4f}", f"{m['std']:.4f}",
              f"[{m['ci95'][0]:.4f}, {m['ci95'][1]:.4f}]"] for name, m in summary["metrics"].items()]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
@@ -89,7 +95,7 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _finished_with_same_config(folder: Path, config) -> bool:
+def finished_with_same_config(folder: Path, config) -> bool:
     """A finished run whose settings equal `config`'s, except those that do not change results."""
     import yaml
 
@@ -122,7 +128,7 @@ def train_seeds(config, seeds: list[int]) -> dict[str, Any]:
         cfg.output.push_to_hub = None  # one push at the end, of the best seed, with the spread in its card
         configs[seed] = cfg
         folder = seed_dir(out, seed)
-        if not config.output.overwrite and _finished_with_same_config(folder, cfg):
+        if not config.output.overwrite and finished_with_same_config(folder, cfg):
             print(f"tuneloop: seed {seed} ({i + 1}/{len(seeds)}) already finished in {folder}; reusing it", flush=True)
             continue
         if cfg.checkpoint.resume and not (folder / "checkpoints").is_dir():
