@@ -165,3 +165,25 @@ def test_seed_and_seeds_together_is_one_line(tiny_model_dir, mrpc_slice, tmp_pat
     assert capsys.readouterr().err.strip() == ("tuneloop: error: train.seed: --seeds sets each run's seed, so --seed 3 "
                                                "would apply to none; drop one of them")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_finished_run_of_auto_settings_is_reused_whatever_auto_became(tmp_path):
+    """config.yaml holds the device's values for `auto` settings; a rerun of the same command still matches."""
+    import json
+
+    from tuneloop.config import Config
+    from tuneloop.devices import resolve_for_device
+    from tuneloop.seeds import seed_status
+
+    config = Config()
+    assert config.model.attn_implementation == "auto" and config.model.dropout_masks == "auto"
+    resolved = resolve_for_device(config, "cpu")
+    assert resolved.model.attn_implementation != "auto"
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "config.yaml").write_text(resolved.to_yaml())
+    (tmp_path / "eval_results.json").write_text(json.dumps({"accuracy": 0.5}))
+    assert seed_status(tmp_path, config) == "done"
+    other = Config()
+    other.optim.learning_rate = 1e-3
+    assert seed_status(tmp_path, other) == "other"

@@ -47,6 +47,11 @@ def device_kind(device_type: str) -> str:
     return "cpu-bf16" if cpu_has_fast_bf16() else "cpu"
 
 
+# The settings resolve_for_device replaces when they are `auto`: a run's config.yaml holds the device's value.
+AUTO_RESOLVED = ("train.mixed_precision", "train.gradient_checkpointing", "model.attn_implementation",
+                 "model.dropout_masks")
+
+
 def resolve_for_device(config: Config, device_type: str) -> Config:
     """A copy of `config` with every device-dependent `auto` replaced by this device's value."""
     resolved = copy.deepcopy(config)

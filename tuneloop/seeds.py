@@ -102,13 +102,16 @@ def _same_config(folder: Path, config) -> bool:
     import yaml
 
     from tuneloop.checkpoint import RESUME_SAFE
+    from tuneloop.devices import AUTO_RESOLVED
 
     try:
         saved = dotted_keys(yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")))
     except (OSError, ValueError, AttributeError, yaml.YAMLError):
         return False
     wanted = dotted_keys(config.to_dict())
-    return all(saved.get(k) == v for k, v in wanted.items() if k not in RESUME_SAFE)
+    # config.yaml records what `auto` became on the run's device, never `auto` itself.
+    return all(saved.get(k) == v for k, v in wanted.items()
+               if k not in RESUME_SAFE and not (v == "auto" and k in AUTO_RESOLVED))
 
 
 def _complete(folder: Path) -> bool:
