@@ -123,6 +123,9 @@ def load_hf_dataset(cfg: DataConfig, task: Task | None, need_train: bool = True
             if isinstance(feature, ClassLabel) and task is None:
                 class_names = list(feature.names)
                 labels = labels.map(lambda i: feature.names[i] if 0 <= i < len(feature.names) else i)
+            elif isinstance(getattr(feature, "feature", None), ClassLabel) and task is None:  # Sequence(ClassLabel)
+                class_names = list(feature.feature.names)  # multi-label: each row a list of class ids
+                labels = labels.map(lambda ids: [class_names[int(i)] for i in ids])
             df["label"] = labels
         elif ours != "test":
             what = "only unlabeled rows (-1) in" if label_column in frame else "no"

@@ -29,6 +29,7 @@ from tuneloop.errors import ConfigError, DataError, TuneloopError
 from tuneloop.launch import accelerator_kwargs, check_processes, is_main_process
 from tuneloop.loop import Run, TrainingState, run_evaluation, train_loop
 from tuneloop.model import (build_model, build_tokenizer, capped_max_length, resolve_attention, resolve_model_path, saved_label_names,
+                            saved_multi_label,
                             enable_gradient_checkpointing, use_fast_dropout)
 from tuneloop.optim import build_optimizer, build_scheduler, num_training_steps
 from tuneloop.problems import build_loss
@@ -149,6 +150,11 @@ def check_calibration(config: Config, raw: RawData) -> None:
     if config.eval.calibrate and raw.is_regression:
         raise ConfigError("eval.calibrate: temperature scaling calibrates class probabilities; this is a regression "
                           "task (drop --calibrate)")
+    if config.eval.calibrate and raw.multi_label:
+        raise ConfigError("eval.calibrate: temperature scaling calibrates a softmax over classes; this is a multi-label "
+                          "task (drop --calibrate)")
+    if raw.multi_label and config.data.long_text == "chunk":
+        raise ConfigError("data.long_text chunk: not supported for multi-label tasks yet (use truncate or head-tail)")
     if config.eval.calibrate and not raw.eval_splits:
         raise ConfigError("eval.calibrate: needs a validation split to fit the temperature on (--validation-file)")
 
@@ -177,7 +183,7 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     # The classifier head is initialised from the seed set above, so runs are reproducible.
     model = build_model(config.model.name_or_path, raw.label_names,
                         resolve_attention(config.model.attn_implementation, accelerator.device.type),
-                        attention_dropout=config.model.attention_dropout)
+                        attention_dropout=config.model.attention_dropout, multi_label=raw.multi_label)
     remember_long_text(model.config, config.data)  # `tuneloop predict` reads long inputs the same way
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -185,7 +191,7 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     train_windows = tokenized["train"].remove_columns([c for c in ["doc"] if c in tokenized["train"].column_names])
     sampler, train_dl = train_dataloader(config, train_windows, collator, accelerator)
     loss, class_weights = build_loss(config.train.class_weights, raw.splits["train"]["label"], raw.label_names,
-                                     accelerator.device)
+                                     accelerator.device, raw.multi_label)
     eval_dls = {s: eval_dataloader(tokenized[s], collator, config.eval.eval_batch_size) for s in raw.eval_splits}
 
     total_steps = num_training_steps(len(sampler), config.train.epochs, config.train.gradient_accumulation_steps)
@@ -356,7 +362,8 @@ def evaluate_model(config: Config) -> dict[str, dict[str, float]]:
     splits = [s for s in raw.eval_splits if "labels" in tokenized[s].column_names]
     if not splits:
         raise DataError("no labelled validation split to evaluate (give --validation-file or a --data-dir with dev files)")
-    model = load_adapter_model(model_dir, label_names) if is_adapter_dir(model_dir) else build_model(model_dir, label_names)
+    model = (load_adapter_model(model_dir, label_names) if is_adapter_dir(model_dir)
+             else build_model(model_dir, label_names, multi_label=saved_multi_label(model_dir)))
     collator = Collator(tokenizer, config.data)
     dls = [eval_dataloader(tokenized[s], collator, config.eval.eval_batch_size) for s in splits]
     model, *dls = accelerator.prepare(model, *dls)

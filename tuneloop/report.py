@@ -61,6 +61,8 @@ def write_predictions(predictions: dict[str, Any], path: Path) -> None:
         if names is None:
             rows.append({"index": index, "label": round(label, 4), "prediction": round(pred, 4),
                          "error": round(abs(pred - label), 4)})
+        elif isinstance(label, list):
+            rows.append(multi_label_row(index, pred, score, label, names))
         else:
             rows.append({"index": index, "label": names[int(label)], "prediction": names[int(pred)],
                          "confidence": round(score, 4)})
@@ -74,6 +76,14 @@ def write_predictions(predictions: dict[str, Any], path: Path) -> None:
         fh.write(f'{{"split": "{predictions["split"]}"}}\n')
         for r in rows:
             fh.write(json.dumps(r) + "\n")
+
+
+def multi_label_row(index: int, pred: list, scores: list, label: list, names: list[str]) -> dict[str, Any]:
+    """A multi-label example: its true and predicted label lists, every label's score, and as confidence the
+    probability of the predicted set under independent sigmoids."""
+    confidence = math.prod(s if p else 1 - s for p, s in zip(pred, scores))
+    return {"index": index, "label": [n for n, y in zip(names, label) if y], "prediction": [n for n, p in zip(names, pred) if p],
+            "scores": {n: round(s, 4) for n, s in zip(names, scores)}, "confidence": round(confidence, 4)}
 
 
 def run_summary(run, train_seconds: float) -> dict[str, Any]:
@@ -222,7 +232,9 @@ def run_section(run_dir: Path) -> dict[str, Any]:
     confusion = scatter = None
     matrix: list[list[int]] = []
     mistakes = [r for r in rows if "text" in r]
-    if rows and names:
+    if rows and names and isinstance(rows[0]["label"], list):  # multi-label: no confusion matrix of sets
+        mistakes.sort(key=lambda r: -r["confidence"])
+    elif rows and names:
         confusion, matrix = _confusion_png(rows, names)
         mistakes.sort(key=lambda r: -r["confidence"])
     elif rows:

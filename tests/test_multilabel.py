@@ -1,0 +1,171 @@
+"""Multi-label classification: list-valued label columns, BCE, sigmoid scores, metrics recomputable from
+predictions.jsonl."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from tuneloop.cli import main
+
+TAGS = ("sports", "politics", "tech")
+WORDS = {"sports": "goal match team", "politics": "vote senate law", "tech": "chip code cloud"}
+
+
+@pytest.fixture(scope="module")
+def tiny3(tiny_model_dir, tmp_path_factory):
+    """The tiny BERT with a 3-output head (a saved head of another size does not load)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-bert-3")
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3, ignore_mismatched_sizes=True).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+    return path
+
+
+def write_multi_label(path, n: int, seed: int, layout: str = "list"):
+    """`n` JSON lines whose text names the words of 0-3 tags; the label column as the layout says."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as fh:
+        for _ in range(n):
+            tags = [t for t in TAGS if rng.random() < 0.4]
+            text = " ".join(["news"] + [WORDS[t] for t in tags])
+            if layout == "list":
+                row = {"text": text, "labels": tags}
+            elif layout == "separator":
+                row = {"text": text, "labels": ",".join(tags)}
+            else:
+                row = {"text": text, **{t: int(t in tags) for t in TAGS}}
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+def multi_args(model_dir, tmp_path, out, *extra, layout="list"):
+    train = write_multi_label(tmp_path / "train.jsonl", 48, 0, layout)
+    dev = write_multi_label(tmp_path / "dev.jsonl", 24, 1, layout)
+    return ["train", "--model", str(model_dir), "--train-file", str(train), "--validation-file", str(dev),
+            "--output-dir", str(out), "--epochs", "2", "--batch-size", "8", "--learning-rate", "1e-3",
+            "--mixed-precision", "no", "--report-to", "none", "--max-length", "16", *extra]
+
+
+def recomputed_metrics(out, names):
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.preprocessing import MultiLabelBinarizer
+
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()[1:]]
+    binarizer = MultiLabelBinarizer(classes=names)
+    y = binarizer.fit_transform([r["label"] for r in rows])
+    p = binarizer.transform([r["prediction"] for r in rows])
+    by_scores = np.asarray([[r["scores"][n] >= 0.5 for n in names] for r in rows]).astype(int)
+    assert (by_scores == p).all()  # the predictions follow from the stored scores at the 0.5 threshold
+    per_label = f1_score(y, p, average=None, zero_division=0.0)
+    return rows, {"f1_micro": f1_score(y, p, average="micro", zero_division=0.0),
+                  "f1_macro": f1_score(y, p, average="macro", zero_division=0.0),
+                  "subset_accuracy": accuracy_score(y, p),
+                  **{f"f1_{n}": f for n, f in zip(names, per_label)}}
+
+
+def test_list_labels_train_multi_label_and_metrics_match_sklearn(tiny3, tmp_path):
+    out = tmp_path / "run"
+    assert main(multi_args(tiny3, tmp_path, out, "--label-column", "labels")) == 0
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["problem_type"] == "multi_label_classification"
+    names = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+    assert sorted(names) == sorted(TAGS)
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["main_metric"] == "f1_micro"
+    rows, expected = recomputed_metrics(out, names)
+    assert len(rows) == 24
+    for key, value in expected.items():
+        assert results[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_pipeline_gives_independent_sigmoid_scores(tiny3, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    out = tmp_path / "run"
+    assert main(multi_args(tiny3, tmp_path, out, "--label-column", "labels", "--epochs", "1")) == 0
+    classifier = pipeline("text-classification", model=str(out / "model"), device="cpu")
+    text = "news vote senate law chip code cloud"
+    scores = {r["label"]: r["score"] for r in classifier(text, top_k=None)}
+    model = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    with torch.no_grad():
+        sigmoid = model(**tok(text, return_tensors="pt")).logits.sigmoid()[0]
+    assert scores == pytest.approx({model.config.id2label[i]: float(s) for i, s in enumerate(sigmoid)}, abs=1e-6)
+    assert sum(scores.values()) != pytest.approx(1.0, abs=1e-3)  # not a softmax
+
+
+def test_balanced_class_weights_are_pos_weights(tiny3, tmp_path):
+    out = tmp_path / "run"
+    assert main(multi_args(tiny3, tmp_path, out, "--label-column", "labels", "--epochs", "1",
+                           "--class-weights", "balanced")) == 0
+    summary = json.loads((out / "run_summary.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    for tag in TAGS:
+        positives = sum(tag in r["labels"] for r in rows)
+        assert summary["class_weights"][tag] == pytest.approx((len(rows) - positives) / positives)
+
+
+def test_pos_weighted_loss_equals_hand_computed_bce(tiny3):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tuneloop.problems import pos_weighted_loss
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny3, problem_type="multi_label_classification").eval()
+    tok = AutoTokenizer.from_pretrained(tiny3)
+    batch = dict(tok(["a cat", "the dog sat down"], padding=True, return_tensors="pt"))
+    batch["labels"] = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    weights = [2.0, 0.5, 3.0]
+    with torch.no_grad():
+        loss = pos_weighted_loss(weights, "cpu")(model, batch).item()
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    p = logits.sigmoid()
+    y, w = batch["labels"], torch.tensor(weights)
+    by_hand = -(w * y * p.log() + (1 - y) * (1 - p).log()).mean().item()
+    assert loss == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_list_labels_mixed_with_scalars_is_one_line(tiny3, tmp_path, capsys):
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps({"text": f"t{i}", "labels": ["a"] if i % 3 else "a"}) for i in range(9)) + "\n")
+    code = main(["train", "--model", str(tiny3), "--train-file", str(train), "--label-column", "labels",
+                 "--output-dir", str(tmp_path / "run"), "--report-to", "none"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1
+    assert err[0].startswith("tuneloop: error:") and "mixes lists" in err[0] and "rows 1, 4, 7" in err[0]
+
+
+@pytest.mark.parametrize("layout,flags", [("separator", ["--label-column", "labels", "--label-separator", ","]),
+                                          ("columns", ["--label-columns", "sports,politics,tech"])])
+def test_separator_and_label_columns_train_multi_label(tiny3, tmp_path, layout, flags):
+    out = tmp_path / "run"
+    assert main(multi_args(tiny3, tmp_path, out, *flags, "--epochs", "1", layout=layout)) == 0
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["problem_type"] == "multi_label_classification"
+    names = [config["id2label"][str(i)] for i in range(3)]
+    # --label-columns keeps the columns' order; a separated column's labels are sorted
+    assert names == (["sports", "politics", "tech"] if layout == "columns" else sorted(TAGS))
+    results = json.loads((out / "eval_results.json").read_text())
+    rows, expected = recomputed_metrics(out, names)
+    truth = [json.loads(line) for line in (tmp_path / "dev.jsonl").read_text().splitlines()]
+    for row in rows:  # the stored true labels are the file's
+        cell = truth[row["index"]]
+        assert set(row["label"]) == ({t for t in TAGS if cell[t]} if layout == "columns" else
+                                     set(filter(None, cell["labels"].split(","))))
+    for key, value in expected.items():
+        assert results[key] == pytest.approx(value, abs=1e-9), key
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--label-columns", "sports,weather"], "missing label column(s) ['weather']"),
+    (["--label-columns", "sports,politics", "--label-column", "labels"], "give one of them"),
+])
+def test_bad_label_columns_are_one_line(tiny3, tmp_path, capsys, flags, message):
+    code = main(multi_args(tiny3, tmp_path, tmp_path / "run", *flags, layout="columns"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and err[0].startswith("tuneloop: error:") and message in err[0], err
