@@ -169,3 +169,67 @@ def test_bad_label_columns_are_one_line(tiny3, tmp_path, capsys, flags, message)
     code = main(multi_args(tiny3, tmp_path, tmp_path / "run", *flags, layout="columns"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and err[0].startswith("tuneloop: error:") and message in err[0], err
+
+
+def test_best_threshold_maximises_f1():
+    from sklearn.metrics import f1_score
+
+    from tuneloop.thresholds import best_threshold
+
+    rng = np.random.default_rng(0)
+    truth = rng.random(60) < 0.3
+    scores = np.clip(truth * 0.2 + rng.random(60) * 0.5, 0, 1).astype(np.float32)
+    t = best_threshold(scores, truth)
+    best = max(f1_score(truth, scores >= c) for c in np.unique(scores))
+    assert f1_score(truth, scores >= t) == pytest.approx(best)
+    assert not np.isclose(scores, t).any()  # midway between two scores, never on one
+    assert best_threshold(scores, np.zeros(60, dtype=bool)) == 0.5
+
+
+def test_tuned_thresholds_are_stored_and_change_predict(tiny3, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    assert main(multi_args(tiny3, tmp_path, out, "--label-column", "labels", "--tune-thresholds")) == 0
+    config = json.loads((out / "model" / "config.json").read_text())
+    names = [config["id2label"][str(i)] for i in range(3)]
+    stored = dict(zip(names, config["tuneloop_thresholds"]))
+    record = json.loads((out / "thresholds.json").read_text())
+    assert record["thresholds"] == pytest.approx(stored) and stored != pytest.approx(dict.fromkeys(names, 0.5))
+    results = json.loads((out / "eval_results.json").read_text())
+    # predictions.jsonl cuts at the tuned thresholds; its metrics are the *_tuned ones
+    from sklearn.metrics import f1_score
+    from sklearn.preprocessing import MultiLabelBinarizer
+
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()[1:]]
+    for r in rows:
+        assert set(r["prediction"]) == {n for n in names if r["scores"][n] >= stored[n]}
+    mlb = MultiLabelBinarizer(classes=names)
+    y, p = mlb.fit_transform([r["label"] for r in rows]), mlb.transform([r["prediction"] for r in rows])
+    assert results["f1_micro_tuned"] == pytest.approx(f1_score(y, p, average="micro", zero_division=0.0))
+    assert results["f1_micro_tuned"] >= results["f1_micro_before"]
+
+    untuned = tmp_path / "untuned"
+    shutil.copytree(out / "model", untuned)
+    plain = {k: v for k, v in config.items() if k != "tuneloop_thresholds"}
+    (untuned / "config.json").write_text(json.dumps(plain))
+    outputs = {}
+    for name, model_dir in (("tuned", out / "model"), ("untuned", untuned)):
+        target = tmp_path / f"{name}.jsonl"
+        assert main(["predict", "--model-dir", str(model_dir), "--input", str(tmp_path / "dev.jsonl"),
+                     "--output", str(target)]) == 0
+        outputs[name] = [json.loads(line) for line in target.read_text().splitlines()]
+    for tuned, plain_row in zip(outputs["tuned"], outputs["untuned"]):
+        assert tuned["scores"] == pytest.approx(plain_row["scores"])  # same model, same scores
+        assert set(tuned["scores"]) == set(names)
+        assert tuned["labels"] == [n for n in names if tuned["scores"][n] >= stored[n]]
+        assert plain_row["labels"] == [n for n in names if plain_row["scores"][n] >= 0.5]
+    assert [r["labels"] for r in outputs["tuned"]] != [r["labels"] for r in outputs["untuned"]]
+
+
+def test_tune_thresholds_on_single_label_is_one_line(tiny_model_dir, mrpc_slice, tmp_path, capsys):
+    from conftest import tiny_args
+
+    assert main(tiny_args(tiny_model_dir, mrpc_slice, tmp_path / "run", "--tune-thresholds", "--report-to", "none")) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tuneloop: error: eval.tune_thresholds") and "multi-label" in err[0]

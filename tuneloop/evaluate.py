@@ -43,10 +43,12 @@ def compute_metrics(names: tuple[str, ...] | list[str], predictions: np.ndarray,
 def predict_batches(model, dataloader, accelerator, is_regression: bool, thresholds: list[float] | None = None):
     """Yield (predictions, probabilities-or-values, labels-or-None, per-example loss) per gathered batch.
 
-    Multi-label: multi-hot predictions and every label's sigmoid score."""
-    from tuneloop.problems import is_multi_label, multi_label_predictions
+    Multi-label: multi-hot predictions (at `thresholds`, else the model's stored ones) and every label's score."""
+    from tuneloop.problems import is_multi_label, multi_label_predictions, saved_thresholds
 
     multi_label = is_multi_label(accelerator.unwrap_model(model))
+    if multi_label and thresholds is None:  # tuned ones stored with the model, else 0.5
+        thresholds = saved_thresholds(accelerator.unwrap_model(model).config)
     model.eval()
     for batch in dataloader:
         outputs = model(**batch)

@@ -185,3 +185,11 @@ def label_columns_as_lists(df: pd.DataFrame, columns: list[str], where: str) -> 
                             f"each of data.label_columns holds 0 or 1 (or true/false)")
         rows.append([c for c, f in zip(columns, flags) if f])
     return pd.Series(rows, index=df.index, dtype=object)
+
+
+def label_counts(labels: pd.Series, num_labels: int) -> list[int]:
+    """Examples that carry each label id: one per row for single labels, every label on for multi-hot rows."""
+    cells = labels.tolist()
+    if cells and isinstance(cells[0], tuple):
+        return [int(v) for v in np.asarray(cells, dtype=np.float64).sum(0)]
+    return [int(v) for v in np.bincount(np.asarray(cells, dtype=np.int64), minlength=num_labels)]

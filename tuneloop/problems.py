@@ -47,9 +47,12 @@ def is_multi_label(model) -> bool:
 
 
 def multi_label_predictions(probs: torch.Tensor, thresholds: list[float] | None = None) -> torch.Tensor:
-    """Multi-hot predictions: a label is on where its sigmoid score reaches its threshold (0.5 unless tuned)."""
-    limit = torch.full((probs.shape[-1],), DEFAULT_THRESHOLD) if thresholds is None else torch.tensor(thresholds)
-    return (probs >= limit.to(probs.device, probs.dtype)).long()
+    """Multi-hot predictions: a label is on where its sigmoid score reaches its threshold (0.5 unless tuned).
+
+    Compared in float64, as a JSON reader compares the stored scores with the stored thresholds."""
+    limit = torch.tensor([DEFAULT_THRESHOLD] * probs.shape[-1] if thresholds is None else thresholds,
+                         dtype=torch.float64, device=probs.device)
+    return (probs.double() >= limit).long()
 
 
 def pos_weights(setting: str, train_labels, label_names: list[str]) -> list[float] | None:

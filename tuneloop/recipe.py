@@ -36,6 +36,7 @@ from tuneloop.problems import build_loss
 from tuneloop.precision import accelerate_precision, apply_tf32, check_device_precision, reconcile_mixed_precision
 from tuneloop.signals import StopRequest
 from tuneloop.calibration import calibrate, summary as calibration_summary
+from tuneloop.thresholds import summary as thresholds_summary, tune_thresholds
 from tuneloop.chunking import remember_long_text
 from tuneloop.card import push_to_hub, write_model_card
 from tuneloop.early_stopping import load_best_weights
@@ -155,6 +156,11 @@ def check_calibration(config: Config, raw: RawData) -> None:
                           "task (drop --calibrate)")
     if raw.multi_label and config.data.long_text == "chunk":
         raise ConfigError("data.long_text chunk: not supported for multi-label tasks yet (use truncate or head-tail)")
+    if config.eval.tune_thresholds and not raw.multi_label:
+        raise ConfigError("eval.tune_thresholds: per-label thresholds are for multi-label tasks (lists of labels); "
+                          "drop --tune-thresholds")
+    if config.eval.tune_thresholds and not raw.eval_splits:
+        raise ConfigError("eval.tune_thresholds: needs a validation split to tune on (--validation-file)")
     if config.eval.calibrate and not raw.eval_splits:
         raise ConfigError("eval.calibrate: needs a validation split to fit the temperature on (--validation-file)")
 
@@ -316,15 +322,20 @@ def train(config: Config, hooks: list | None = None) -> dict[str, float]:
     calibration = calibrate(run) if config.eval.calibrate else None  # every process folds the same T
     if calibration is not None:
         results = {**results, **calibration_summary(calibration)}
-    write_outputs(run, out, {**results, "step": state.step, "epoch": state.epoch, **best}, seconds, calibration)
+    thresholds = tune_thresholds(run) if config.eval.tune_thresholds else None  # stored in the model's config
+    if thresholds is not None:
+        results = {**results, **thresholds_summary(thresholds)}
+    write_outputs(run, out, {**results, "step": state.step, "epoch": state.epoch, **best}, seconds,
+                  {"calibration.json": calibration, "thresholds.json": thresholds})
     end_training(run)
     if accelerator.is_main_process and config.output.push_to_hub:
         push_to_hub(out / "model", config.output.push_to_hub)
     return results
 
 
-def write_outputs(run: Run, out: Path, final: dict[str, Any], seconds: float, calibration: dict | None) -> None:
-    """The finished run's files: model, eval_results, curves, predictions, summary, card (and calibration)."""
+def write_outputs(run: Run, out: Path, final: dict[str, Any], seconds: float, records: dict[str, dict | None]) -> None:
+    """The finished run's files: model, eval_results, curves, predictions, summary, card (and the records of
+    calibration and threshold tuning, where they ran)."""
     if run.eval_dataloaders:
         predictions = dev_predictions(run)  # every process takes part in the gathers
     if not run.accelerator.is_main_process:
@@ -334,8 +345,9 @@ def write_outputs(run: Run, out: Path, final: dict[str, Any], seconds: float, ca
     plot_learning_curves(run.log.records(), out / "learning_curves.png", run.main_metric)
     if run.eval_dataloaders:
         write_predictions(predictions, out / "predictions.jsonl")
-    if calibration is not None:
-        write_json(out / "calibration.json", calibration)
+    for name, record in records.items():
+        if record is not None:
+            write_json(out / name, record)
     write_json(out / "run_summary.json", run_summary(run, seconds))
     write_model_card(out / "model", run.config, final, run.raw.task_name, run.raw.metrics)
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from tuneloop.errors import TuneloopError
+from tuneloop.labels import label_counts
 
 NUM_MISTAKES = 20
 
@@ -83,7 +84,7 @@ def multi_label_row(index: int, pred: list, scores: list, label: list, names: li
     probability of the predicted set under independent sigmoids."""
     confidence = math.prod(s if p else 1 - s for p, s in zip(pred, scores))
     return {"index": index, "label": [n for n, y in zip(names, label) if y], "prediction": [n for n, p in zip(names, pred) if p],
-            "scores": {n: round(s, 4) for n, s in zip(names, scores)}, "confidence": round(confidence, 4)}
+            "scores": dict(zip(names, scores)), "confidence": round(confidence, 4)}  # unrounded: they recompute the cut
 
 
 def run_summary(run, train_seconds: float) -> dict[str, Any]:
@@ -102,8 +103,7 @@ def run_summary(run, train_seconds: float) -> dict[str, Any]:
             entry["tokens"] = {"mean": round(float(arr.mean()), 1), "p50": int(np.percentile(arr, 50)),
                                "p90": int(np.percentile(arr, 90)), "max": int(arr.max())}
         if "label" in frame.columns and raw.label_names is not None:
-            counts = frame["label"].value_counts()
-            entry["labels"] = {raw.label_names[int(i)]: int(counts.get(i, 0)) for i in range(len(raw.label_names))}
+            entry["labels"] = dict(zip(raw.label_names, label_counts(frame["label"], len(raw.label_names))))
         elif "label" in frame.columns:
             entry["labels"] = {"mean": float(frame["label"].mean()), "std": float(frame["label"].std())}
         data[split] = entry
