@@ -233,3 +233,14 @@ def test_tune_thresholds_on_single_label_is_one_line(tiny_model_dir, mrpc_slice,
     assert main(tiny_args(tiny_model_dir, mrpc_slice, tmp_path / "run", "--tune-thresholds", "--report-to", "none")) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("tuneloop: error: eval.tune_thresholds") and "multi-label" in err[0]
+
+
+def test_data_preview_counts_each_label(tiny3, tmp_path, capsys):
+    train = write_multi_label(tmp_path / "train.jsonl", 48, 0)
+    assert main(["data", "--model", str(tiny3), "--train-file", str(train), "--label-column", "labels"]) == 0
+    printed = capsys.readouterr().out
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    assert "(multi-label) | metrics: f1_micro, f1_macro, subset_accuracy" in printed
+    for tag in TAGS:
+        count = sum(tag in r["labels"] for r in rows)
+        assert f"{tag}: {count} ({count / len(rows):.1%})" in printed

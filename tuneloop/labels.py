@@ -71,8 +71,8 @@ def is_multi_label(labels: pd.Series, split: str) -> bool:
         return False
     scalars = [i for i, is_list in enumerate(lists) if not is_list]
     if scalars:
-        raise DataError(f"{split}: the label column mixes lists (multi-label) with single labels ({describe_rows(scalars)} "
-                        f"hold e.g. {cells[scalars[0]]!r}, counting data rows from 1); give every row a list, [] for none")
+        raise DataError(f"{split}: the label column mixes lists (multi-label) with single labels ({describe_rows(scalars)}, "
+                        f"counting data rows from 1, e.g. {cells[scalars[0]]!r}); give every row a list, [] for none")
     return True
 
 

@@ -47,7 +47,11 @@ def summarize(raw, tokenized, tokenizer, collator, config) -> str:
     lines.append(f"first {split} example, decoded: {tokenizer.decode(example['input_ids'])}")
     if "labels" in example:
         label = example["labels"]
-        lines.append(f"  label: {label if raw.is_regression else f'{label} ({raw.label_names[int(label)]})'}")
+        if raw.is_regression:
+            lines.append(f"  label: {label}")
+        else:
+            named = [n for n, v in zip(raw.label_names, label) if v] if raw.multi_label else raw.label_names[int(label)]
+            lines.append(f"  label: {label} ({named})")
     batch = collator([ds[i] for i in range(min(config.train.batch_size, len(ds)))])
     lines.append("one batch: " + ", ".join(f"{k} {tuple(v.shape)} {str(v.dtype).replace('torch.', '')}"
                                            for k, v in batch.items()))
