@@ -270,3 +270,54 @@ def test_retention_keeps_last_k_and_the_best(tiny_model_dir, tmp_path):
     (root / ".tmp-step-000006").mkdir()
     apply_retention(root, keep_last=2, keep_best=True)
     assert sorted(p.name for p in root.iterdir()) == ["step-000002", "step-000004", "step-000005"]
+
+
+class _Payload:
+    """A pickle that writes a marker file when it is unpickled: what a stranger's checkpoint could hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def _plant(checkpoint: Path, name: str, marker: Path) -> None:
+    """Put the payload into the checkpoint under `name` and update the manifest as tuneloop computes it."""
+    import hashlib
+    import pickle
+
+    (checkpoint / name).write_bytes(pickle.dumps(_Payload(marker)))
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"] = {str(p.relative_to(checkpoint)): hashlib.sha256(p.read_bytes()).hexdigest()
+                         for p in sorted(checkpoint.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    assert read_checkpoint(checkpoint) is not None  # the checksums hold: integrity is not origin
+
+
+def test_a_payload_pickle_in_a_checkpoint_is_never_run(tiny_model_dir, tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "payload-ran"
+    _run(tiny_model_dir, out, "--epochs", "1", "--keep-last", "1")
+    checkpoint = out / "checkpoints" / "step-000006"
+    names = sorted(p.name for p in checkpoint.iterdir())
+    assert not any(n.startswith("custom_checkpoint") for n in names)  # nothing of tuneloop's is pickled
+    assert {"scheduler.json", "training_state.json", "model.safetensors"} <= set(names)
+    assert json.loads((checkpoint / "scheduler.json").read_text())["last_epoch"] == 6
+    originals = {n: (checkpoint / n).read_bytes() for n in names}
+    log_before = (out / "metrics.jsonl").read_text()
+    # Accelerate unpickles custom_checkpoint_*.pkl with weights_only=False; the others must load as plain tensors.
+    for name in ("custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl"):
+        _plant(checkpoint, name, marker)
+        proc = _run(tiny_model_dir, out, "--resume", "--epochs", "2", "--resume-force", check=False)
+        assert not marker.exists(), f"the payload in {name} ran"
+        err = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode != 0 and err.startswith(f"tuneloop: error: cannot resume from {checkpoint}"), proc.stderr[-2000:]
+        assert "does not" in err and "unpickle" in err or "pickled state that tuneloop does not load" in err
+        assert (out / "metrics.jsonl").read_text() == log_before
+        (checkpoint / name).unlink()
+        for n, data in originals.items():
+            (checkpoint / n).write_bytes(data)
+    # The manifest restored with the files: the untouched checkpoint resumes.
+    (checkpoint / "manifest.json").write_bytes(originals["manifest.json"])
+    proc = _run(tiny_model_dir, out, "--resume", "--epochs", "2", "--resume-force")
+    assert "resuming from" in proc.stdout and not marker.exists()

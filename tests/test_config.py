@@ -129,6 +129,14 @@ def test_config_in_code_is_short_and_checked_like_the_flags():
         config.replace(batch_size=0)
 
 
+def test_an_empty_config_file_is_an_error_not_the_default_recipe(tmp_path, capsys):
+    empty = tmp_path / "best_config.yaml"
+    empty.write_text("")  # e.g. a search killed while writing it (before writes were atomic)
+    assert main(["train", "--config", str(empty)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"tuneloop: error: config file {empty} is empty; give the settings it should hold (or leave out --config)"
+
+
 @pytest.mark.parametrize("text, path, expected", [
     ("checkpoint:\n  resume: false\n", "checkpoint.resume", None),  # before: the string "False"
     ("checkpoint:\n  resume: true\n", "checkpoint.resume", "latest"),

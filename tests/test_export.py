@@ -160,3 +160,37 @@ def test_export_refuses_a_non_empty_folder(tiny_model_dir, tmp_path, capsys):
     assert main(["export", "--model-dir", str(tiny_model_dir), "--output-dir", str(tmp_path / "out")]) != 0
     assert "is not empty; pass --overwrite" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_export_overwrite_replaces_only_an_earlier_export(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    # A training run's folder: --overwrite used to delete its checkpoints and metrics.
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-000004").mkdir(parents=True)
+    (run / "checkpoints" / "step-000004" / "model.safetensors").write_bytes(b"weights")
+    (run / "metrics.jsonl").write_text('{"type": "train", "step": 1}\n')
+    (run / "config.yaml").write_text("model: {}\n")
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    assert main(["export", "--model-dir", str(tiny_model_dir), "--output-dir", str(run), "--overwrite"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err == (f"tuneloop: error: output folder {run} is a training run (no .tuneloop-export.json): --overwrite "
+                   f"replaces only an earlier export, nothing in it was touched; choose an empty --output-dir")
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+    assert (run / "checkpoints" / "step-000004" / "model.safetensors").read_bytes() == b"weights"
+
+    # The current folder: refused, nothing removed.
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "notes.txt").write_text("mine")
+    monkeypatch.chdir(here)
+    assert main(["export", "--model-dir", str(tiny_model_dir), "--output-dir", ".", "--overwrite"]) != 0
+    assert "is not an earlier export" in capsys.readouterr().err
+    assert (here / "notes.txt").read_text() == "mine"
+
+    # An earlier export is replaced.
+    out = tmp_path / "exported"
+    assert main(["export", "--model-dir", str(tiny_model_dir), "--output-dir", str(out)]) == 0
+    assert json.loads((out / ".tuneloop-export.json").read_text())["source"] == str(tiny_model_dir)
+    (out / "stale.txt").write_text("from the earlier export")
+    assert main(["export", "--model-dir", str(tiny_model_dir), "--output-dir", str(out), "--overwrite"]) == 0
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left

@@ -59,7 +59,7 @@ def test_outputs_of_a_run(tiny_model_dir, mrpc_slice, tmp_path):
     cfg = _config(tiny_model_dir, mrpc_slice, out)
     cfg.eval.eval_every = 2
     results = tuneloop.train(cfg)
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "eval_results.json", "learning_curves.png",
+    assert sorted(p.name for p in out.iterdir()) == [".tuneloop.lock", "checkpoints", "config.yaml", "eval_results.json", "learning_curves.png",
                                                      "metrics.jsonl", "model", "predictions.jsonl", "run_summary.json",
                                                      "tensorboard"]
     records = [json.loads(l) for l in open(out / "metrics.jsonl")]
@@ -105,3 +105,34 @@ def test_gradient_checkpointing_recomputes_and_trains_the_same_weights(tiny_drop
     for k in wp:  # dropout is on: equal weights need the recomputation to replay the same masks
         torch.testing.assert_close(wc[k], wp[k], rtol=1e-4, atol=1e-6)
     assert ckpt["accuracy"] == plain["accuracy"]
+
+
+def test_resuming_a_checkpoint_into_a_folder_of_another_run_is_refused(tiny_model_dir, mrpc_slice, tmp_path, capsys):
+    from conftest import tiny_args
+    from tuneloop.cli import main
+
+    first, other = tmp_path / "first", tmp_path / "other"
+    assert main(tiny_args(tiny_model_dir, mrpc_slice, first, "--report-to", "none")) == 0
+    assert main(tiny_args(tiny_model_dir, mrpc_slice, other, "--report-to", "none", "--seed", "7")) == 0
+    capsys.readouterr()
+    checkpoint = sorted((first / "checkpoints").iterdir())[-1]
+    before = {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()}
+    assert main(tiny_args(tiny_model_dir, mrpc_slice, other, "--report-to", "none", "--resume", str(checkpoint))) != 0
+    err = capsys.readouterr().err.strip()
+    assert err == (f"tuneloop: error: cannot resume {checkpoint} into {other}: that folder holds another run "
+                   f"(config.yaml, metrics.jsonl, eval_results.json, model); to continue the checkpoint's own run, "
+                   f"pass --output-dir {first} (or --resume alone there); to start a new run from it, choose an "
+                   f"empty --output-dir")
+    assert {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()} == before  # metrics.jsonl not mixed
+
+
+def test_a_leftover_model_old_is_cleaned_up(tmp_path):
+    from tuneloop.recipe import save_atomically
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "weights").write_text("v1")
+    (tmp_path / "model.old").mkdir()  # a save that died while removing the previous model
+    (tmp_path / "model.old" / "weights").write_text("v0")
+    save_atomically(tmp_path / "model", lambda tmp: (tmp.mkdir(), (tmp / "weights").write_text("v2")))
+    assert (tmp_path / "model" / "weights").read_text() == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -97,3 +97,19 @@ def test_report_on_a_folder_without_a_run_is_one_line(tmp_path, capsys):
                    f"seeds_summary.json or trials.csv)")
     assert main(["report", str(tmp_path / "missing")]) == 1
     assert capsys.readouterr().err.strip() == f"tuneloop: error: report: {tmp_path / 'missing'} is not a folder"
+
+
+def test_report_of_an_unfinished_run_with_a_torn_last_line(finished_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "unfinished"
+    shutil.copytree(finished_run, run)
+    for name in ("eval_results.json", "run_summary.json"):
+        (run / name).unlink()  # killed before the end: no results yet
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"type": "train", "step": 99, "lo')  # the line being written when the kill came
+    (run / "predictions.jsonl").write_text("")  # an empty file, as a kill during a non-atomic write left
+    assert main(["report", str(run)]) == 0, capsys.readouterr().err
+    html = (run / "report.html").read_text()
+    steps = [json.loads(l)["step"] for l in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    assert "learning curves" in html.lower() and max(steps) < 99

@@ -143,6 +143,40 @@ def test_failed_trials_are_recorded_and_the_study_goes_on(tiny_model_dir, mrpc_s
     assert "error" in (out / "trials.csv").read_text().splitlines()[0].split(",")
 
 
+def test_search_killed_at_random_moments_ends_with_three_finished_trials(tiny_model_dir, mrpc_slice, tmp_path):
+    import random
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    out = tmp_path / "search"
+    storage = f"sqlite:///{out / 'study.db'}"
+    args = search_args(tiny_model_dir, mrpc_slice, out, space, "--n-trials", "3", "--epochs", "1", "--pruner", "none")
+    rng = random.Random(3)
+    for _ in range(2):  # kill -9 at a random moment once the study exists
+        proc = tuneloop(args)
+        deadline = time.time() + 120
+        while not (out / "study.db").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(1.0, 8.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    proc = tuneloop(args)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    after = trials(storage)
+    interrupted = [t for t in after if t.user_attrs.get("interrupted")]
+    finished = [t for t in after if t.state.name in ("COMPLETE", "PRUNED", "FAIL") and t not in interrupted]
+    assert len(finished) == 3 and all(t.state.name == "COMPLETE" for t in finished), [(t.number, t.state) for t in after]
+    assert all(t.state.name == "FAIL" for t in interrupted)  # a killed trial is failed at the next start...
+    retried = {t.user_attrs.get("retry_of") for t in after}
+    assert all(t.number in retried for t in interrupted)  # ...and run again with its parameters
+    run_dirs = [t.user_attrs["run_dir"] for t in after if "run_dir" in t.user_attrs]
+    assert len(set(run_dirs)) == len(run_dirs)  # no trial folder used twice
+    assert all(t.user_attrs["run_dir"] == str(out / f"trial-{t.number:04d}") for t in after if "run_dir" in t.user_attrs)
+    assert all((out / f"trial-{t.number:04d}" / "eval_results.json").exists() for t in finished)
+    assert len((out / "trials.csv").read_text().splitlines()) == len(after) + 1
+
+
 def test_a_setting_given_on_the_command_line_is_never_silently_resampled(tuneloop_log):
     caplog = tuneloop_log
     """Before: `tuneloop search --learning-rate 1e-4` sampled learning_rate anyway (the built-in space has it)."""

@@ -100,6 +100,65 @@ def test_compare_says_whether_runs_differ_beyond_their_spread(tmp_path, capsys):
                                                f"--seeds 0,1,2 to measure its spread)")
 
 
+def _tuneloop(args):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "tuneloop", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_seeds_killed_at_random_moments_then_the_same_command_gives_the_uninterrupted_summary(
+        tiny_dropout_model_dir, mrpc_slice, tmp_path):
+    import random
+    import signal
+    import time
+
+    def args(out):
+        return tiny_args(tiny_dropout_model_dir, mrpc_slice, out, "--seeds", "0,1", "--report-to", "none",
+                         "--max-train-samples", "24", "--max-eval-samples", "16", "--checkpoint-every", "1")
+
+    assert main(args(tmp_path / "reference")) == 0
+    reference = json.loads((tmp_path / "reference" / "seeds_summary.json").read_text())
+    out, rng = tmp_path / "killed", random.Random(0)
+    for _ in range(3):  # kill -9 at a random moment after the first seed has started
+        proc = _tuneloop(args(out))
+        deadline = time.time() + 120
+        while not (out / "seed-0" / "config.yaml").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 5.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    proc = _tuneloop(args(out))
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert json.loads((out / "seeds_summary.json").read_text()) == reference
+    for seed in (0, 1):
+        steps = [json.loads(l)["step"] for l in (out / f"seed-{seed}" / "metrics.jsonl").read_text().splitlines()
+                 if '"train"' in l]
+        assert steps == sorted(set(steps))  # no step logged twice by a resumed seed
+
+
+def test_an_empty_predictions_file_does_not_count_as_a_finished_seed(tiny_model_dir, mrpc_slice, tmp_path, capsys):
+    out = tmp_path / "seeds"
+    args = tiny_args(tiny_model_dir, mrpc_slice, out, "--seeds", "0,1", "--report-to", "none",
+                     "--max-train-samples", "16", "--max-eval-samples", "8")
+    assert main(args) == 0
+    summary = json.loads((out / "seeds_summary.json").read_text())
+    predictions = (out / "seed-1" / "predictions.jsonl").read_text()
+    (out / "seed-1" / "predictions.jsonl").write_text("")  # as a kill during an in-place write left it
+    capsys.readouterr()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "seed 0 (1/2) already finished" in printed and "seed 1 (2/2) did not finish" in printed
+    assert (out / "seed-1" / "predictions.jsonl").read_text() == predictions
+    assert json.loads((out / "seeds_summary.json").read_text()) == summary
+
+
 def test_seed_and_seeds_together_is_one_line(tiny_model_dir, mrpc_slice, tmp_path, capsys):
     """Before: --seed 3 --seeds 0,1 trained seeds 0 and 1 and dropped the 3 without a word."""
     assert main(tiny_args(tiny_model_dir, mrpc_slice, tmp_path / "out", "--seed", "3", "--seeds", "0,1")) == 2

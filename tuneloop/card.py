@@ -91,8 +91,11 @@ def write_model_card(model_dir: Path, config, results: dict[str, Any], task_name
                      seed_spread: dict[str, dict[str, Any]] | None = None) -> Path:
     """model/README.md for the saved model."""
     card = build_card(config, results, task_name, list(metrics), seed_spread)
+    from tuneloop import atomic
+
     path = Path(model_dir) / "README.md"
-    card.save(path)
+    with atomic.replacing(path) as tmp:
+        card.save(tmp)
     return path
 
 
@@ -112,7 +115,9 @@ def push_to_hub(model_dir: Path, repo_id: str) -> str:
         info = api.upload_folder(folder_path=str(model_dir), repo_id=repo_id,
                                  commit_message="Upload model, tokenizer and model card from tuneloop")
     except Exception as e:  # network, permissions, a bad repo id: the Hub's own first line says which
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        from tuneloop.redact import hide
+
+        first = hide(str(e).splitlines()[0] if str(e) else type(e).__name__, get_token())
         raise TuneloopError(f"--push-to-hub {repo_id} failed: {first} ({where})") from None
     print(f"tuneloop: pushed {model_dir} to https://huggingface.co/{repo_id} ({getattr(info, 'oid', '')})", flush=True)
     return repo_id

@@ -1,8 +1,16 @@
 """Crash-consistent checkpoints and exact resume.
 
-A checkpoint is `OUT/checkpoints/step-000123/`: Accelerate's `save_state` (model, optimizer,
-scheduler, scaler, every process's RNG states) plus `training_state.json` (the loop's counters),
-`config.yaml` and `fingerprint.json` (data, tokenizer, model, settings). It is written into a
+A checkpoint is `OUT/checkpoints/step-000123/`: Accelerate's `save_state` (model, optimizer, scaler,
+every process's RNG states) plus `training_state.json` (the loop's counters), the learning-rate
+schedule and AdaLoRA's rank budget (`<name>.json` + `<name>.safetensors`), `config.yaml` and
+`fingerprint.json` (data, tokenizer, model, settings).
+
+Nothing in a checkpoint is unpickled with `weights_only=False`, so a checkpoint folder from someone else
+cannot run code on `--resume` (the manifest's checksums prove integrity, not origin). Accelerate pickles
+registered custom objects and loads them with `weights_only=False`, so tuneloop registers none: its own
+states are JSON and safetensors; the model is safetensors; the optimizer, scaler and RNG states are
+loaded by Accelerate with `weights_only=True` (plain tensors and numbers only), and a file that holds
+anything else ends the resume with one line instead of running it. It is written into a
 temporary folder, every file is fsynced, `manifest.json` with each file's SHA-256 is written last,
 and the folder is renamed into place. A folder without a valid manifest is not a checkpoint: resume
 skips it with a warning and falls back to the previous good one. Older checkpoints are deleted only
@@ -85,6 +93,90 @@ def fingerprint(run) -> dict[str, Any]:
     }
 
 
+def _encode(value: Any, tensors: dict[str, Any], key: str) -> Any:
+    """A state dict as JSON, each tensor replaced by a reference into `tensors` (saved as safetensors)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": key, "device": value.device.type}
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError(f"state key {key!r}: only string keys can be saved as JSON")
+        return {k: _encode(v, tensors, f"{key}/{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v, tensors, f"{key}/{i}") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"state key {key!r}: {type(value).__name__} cannot be saved as JSON or safetensors")
+
+
+def _decode(value: Any, tensors: dict[str, Any], device) -> Any:
+    if isinstance(value, dict) and "__tensor__" in value:
+        tensor = tensors[value["__tensor__"]]
+        return tensor if value.get("device", "cpu") == "cpu" else tensor.to(device)
+    if isinstance(value, dict):
+        return {k: _decode(v, tensors, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v, tensors, device) for v in value]
+    return value
+
+
+def checkpointed_states(run) -> dict[str, Any]:
+    """tuneloop's own objects whose state a checkpoint holds beside Accelerate's (name -> object)."""
+    states = {"scheduler": run.scheduler}
+    if getattr(run, "rank_budget", None) is not None:
+        states["adalora_budget"] = run.rank_budget
+    return states
+
+
+def save_states(run, folder: Path) -> None:
+    """Each checkpointed state as `<name>.json`, its tensors (if any) as `<name>.safetensors`: no pickle."""
+    from safetensors.torch import save_file
+
+    for name, obj in checkpointed_states(run).items():
+        tensors: dict[str, Any] = {}
+        _write_json(folder / f"{name}.json", _encode(obj.state_dict(), tensors, name))
+        if tensors:
+            save_file(tensors, str(folder / f"{name}.safetensors"))
+
+
+def load_states(run, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    for name, obj in checkpointed_states(run).items():
+        path = folder / f"{name}.json"
+        if not path.is_file():
+            raise TuneloopError(f"cannot resume from {folder}: it has no {path.name} (a checkpoint of an older tuneloop, "
+                                f"which pickled it; checkpoints are no longer unpickled): start the run again")
+        tensor_file = folder / f"{name}.safetensors"
+        tensors = load_file(str(tensor_file), device="cpu") if tensor_file.is_file() else {}
+        obj.load_state_dict(_decode(json.loads(path.read_text(encoding="utf-8")), tensors, run.accelerator.device))
+
+
+def load_accelerate_state(run, path: Path) -> None:
+    """Accelerate's part (model, optimizer, scaler, RNG), every pickle loaded with weights_only=True."""
+    import pickle
+
+    from accelerate.utils import load as accelerate_load
+
+    pickled = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
+    if pickled:  # Accelerate would unpickle these with weights_only=False (and refuses them when none is registered)
+        raise TuneloopError(f"cannot resume from {path}: it holds {', '.join(pickled)}, pickled state that tuneloop "
+                            f"does not load (a checkpoint of an older tuneloop, or not of tuneloop): start the run again")
+    # Accelerate swallows any error loading the RNG states (the resume would silently stop being exact): try it first.
+    rng = path / f"random_states_{run.accelerator.process_index}.pkl"
+    try:
+        if rng.is_file():
+            accelerate_load(rng, weights_only=True)
+        # Adapter runs checkpoint only what trains; the frozen base comes from its source as at the start.
+        run.accelerator.load_state(str(path), load_kwargs={"weights_only": True},
+                                   strict=run.config.peft.method == "none")
+    except pickle.UnpicklingError as e:
+        raise TuneloopError(f"cannot resume from {path}: a file in it holds more than tensors and numbers, and "
+                            f"tuneloop does not unpickle code from a checkpoint ({str(e).splitlines()[0][:200]})") from None
+
+
 def save_checkpoint(run, metric: float | None = None) -> Path:
     """Save the full training state at an optimizer-step boundary. Called on every process."""
     accelerator, state = run.accelerator, run.state
@@ -112,6 +204,7 @@ def save_checkpoint(run, metric: float | None = None) -> Path:
                 raise error
             _write_json(tmp / STATE_FILE, {**state.state_dict(), "metric": metric, "main_metric": run.main_metric})
             _write_json(tmp / FINGERPRINT_FILE, fingerprint(run))
+            save_states(run, tmp)
             (tmp / "config.yaml").write_text(run.config.to_yaml(), encoding="utf-8")
             files = sorted(p for p in tmp.rglob("*") if p.is_file())
             for p in files:
@@ -244,8 +337,8 @@ def resume(run, requested: str, force: bool) -> Path:
     if changes and not force:
         raise TuneloopError(f"cannot resume exactly from {path}: " + "; ".join(changes)
                             + " (pass --resume-force to resume anyway)")
-    # Adapter runs checkpoint only what trains; the frozen base comes from its source as at the start.
-    run.accelerator.load_state(str(path), strict=run.config.peft.method == "none")
+    load_accelerate_state(run, path)
+    load_states(run, path)
     run.state.load_state_dict({k: v for k, v in record.items() if k not in ("metric", "main_metric")})
     truncate_log(run.log, run.state.step)
     if changes:

@@ -412,8 +412,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {p} is not valid YAML{where}: {one_line(str(problem))}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {p} is not UTF-8 text") from None
-    if raw is None:
-        return {}
+    if raw is None:  # an empty file (e.g. cut short by a kill) is not "all defaults": that would train another task
+        raise ConfigError(f"config file {p} is empty; give the settings it should hold (or leave out --config)")
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {p} must hold a mapping of sections (data:, model:, optim:, ...)")
     return raw

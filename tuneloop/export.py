@@ -25,10 +25,13 @@ from pathlib import Path
 
 import torch
 
+from tuneloop import atomic
 from tuneloop.errors import ConfigError, TuneloopError
 from tuneloop.precision import cpu_has_amx
 
 QUANTIZE_CHOICES = ("int8",)
+# Written into every export: `--overwrite` replaces a folder only when this says an earlier export made it.
+EXPORT_MARKER = ".tuneloop-export.json"
 
 
 def check_quantize(quantize: str | None) -> str | None:
@@ -108,14 +111,28 @@ def folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+def check_export_dir(out: Path, overwrite: bool) -> Path:
+    """An empty or new folder, or (with --overwrite) an earlier export; anything else is refused, never removed."""
+    if out.exists() and not out.is_dir():
+        raise TuneloopError(f"output path {out} exists and is not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return out
+    if not overwrite:
+        raise TuneloopError(f"output folder {out} is not empty; pass --overwrite or choose another --output-dir")
+    if not (out / EXPORT_MARKER).is_file():
+        what = "a training run" if any((out / m).exists() for m in ("config.yaml", "metrics.jsonl", "checkpoints")) \
+            else "not an earlier export"
+        raise TuneloopError(f"output folder {out} is {what} (no {EXPORT_MARKER}): --overwrite replaces only an "
+                            f"earlier export, nothing in it was touched; choose an empty --output-dir")
+    return out
+
+
 def export(model_dir: str, output_dir: str, quantize: str | None = None, overwrite: bool = False) -> Path:
     """Write a standalone model folder: adapters merged, optionally int8 weights (torchao), tokenizer included."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     check_quantize(quantize)
-    out = Path(output_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise TuneloopError(f"output folder {out} is not empty; pass --overwrite or choose another --output-dir")
+    out = check_export_dir(Path(output_dir), overwrite)
     config = _torchao_config() if quantize == "int8" else None  # fail on a missing torchao before any work
     model = load_saved_model(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -132,9 +149,14 @@ def export(model_dir: str, output_dir: str, quantize: str | None = None, overwri
             for f in tmp.glob("*.safetensors"):
                 f.unlink()
             quantized.save_pretrained(tmp, safe_serialization=True)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        atomic.write_json(tmp / EXPORT_MARKER, {"source": str(model_dir), "quantize": quantize})
+        if out.exists():  # an earlier export (check_export_dir made sure): moved aside first, so a crash loses neither
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            out.rename(old / out.name)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Iterator, TextIO
@@ -176,9 +175,9 @@ def predict(model_dir: str, source: str, output: str | None = None, batch_size: 
     if output:
         target = Path(output)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            count = write_predictions(rows, fh)
-        os.replace(tmp, target)  # a failed run never leaves half a predictions file under the real name
+        from tuneloop import atomic
+
+        with atomic.replacing(target) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+            count = write_predictions(rows, fh)  # a failed run never leaves half a predictions file under the real name
         return count
     return write_predictions(rows, sys.stdout)

@@ -5,8 +5,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
+from tuneloop import atomic
 from tuneloop.adapters import (describe_parameters, is_adapter_dir, keep_trainable_in_checkpoints, load_adapter_model,
                                prepare_model, rank_budget, save_adapter, save_merged)
 from tuneloop.batching import EpochBatchSampler
-from tuneloop.checkpoint import resume
+from tuneloop.checkpoint import checkpoints_dir, resume
 from tuneloop.config import Config
 from tuneloop.compiling import compile_padding, dynamo_kwargs, mark_cudagraph_steps
 from tuneloop.devices import resolve_for_device
@@ -41,6 +42,7 @@ from tuneloop.chunking import remember_long_text
 from tuneloop.card import push_to_hub, write_model_card
 from tuneloop.early_stopping import load_best_weights
 from tuneloop.report import dev_predictions, run_summary, write_predictions
+from tuneloop.runlock import RunLock
 from tuneloop.tracking import MetricsLog, finish_trackers, plot_learning_curves, start_trackers, tracker_kwargs
 
 log = logging.getLogger(__name__)
@@ -75,10 +77,27 @@ def check_output_dir(config: Config) -> Path:
     if out.exists() and not out.is_dir():
         raise TuneloopError(f"output path {out} exists and is not a folder")
     existing = [m for m in RUN_MARKERS if (out / m).exists()]
+    foreign = foreign_checkpoint(out, config.checkpoint.resume)
+    if existing and foreign is not None and not config.output.overwrite:
+        owner = foreign.parent.parent if foreign.parent.name == "checkpoints" else None
+        raise TuneloopError(f"cannot resume {foreign} into {out}: that folder holds another run ({', '.join(existing)}); "
+                            + (f"to continue the checkpoint's own run, pass --output-dir {owner} (or --resume alone "
+                               f"there); " if owner is not None else "")
+                            + "to start a new run from it, choose an empty --output-dir")
     if existing and not config.output.overwrite and not config.checkpoint.resume:
         raise TuneloopError(f"output folder {out} already holds a run ({', '.join(existing)}); "
                             f"pass --overwrite or choose another --output-dir")
     return out
+
+
+def foreign_checkpoint(out: Path, requested: str | None) -> Path | None:
+    """The checkpoint `--resume PATH` names when it is not one of `out`'s own checkpoints, else None."""
+    if requested in (None, "latest", "true", "True"):
+        return None
+    path = Path(requested)
+    if path.resolve().parent == checkpoints_dir(out).resolve():
+        return None
+    return path
 
 
 def fit_to_model(config: Config) -> Config:
@@ -103,13 +122,11 @@ def ensure_writable(out: Path) -> None:
 
 def start_run_files(out: Path, config: Config) -> None:
     """Called once setup has succeeded: only then is an overwritten run's record replaced."""
-    from tuneloop.checkpoint import checkpoints_dir
-
-    for name in ("metrics.jsonl", "eval_results.json"):
-        (out / name).unlink(missing_ok=True)
+    for name in ("eval_results.json", "metrics.jsonl", "predictions.jsonl", "run_summary.json"):
+        (out / name).unlink(missing_ok=True)  # the completion record first: the rest is no longer "finished"
     if checkpoints_dir(out).exists():  # an overwritten run's checkpoints must never be resumed into this one
         shutil.rmtree(checkpoints_dir(out))
-    (out / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+    atomic.write_text(out / "config.yaml", config.to_yaml())
 
 
 def eval_dataloader(dataset, collator, batch_size: int, sort_by_length: bool = True):
@@ -212,9 +229,8 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     model, optimizer, *prepared = accelerator.prepare(model, optimizer, *eval_dls.values())
     mark_cudagraph_steps(model, config.train.compile)
     eval_dls = dict(zip(eval_dls, prepared))
-    accelerator.register_for_checkpointing(scheduler)  # saved and restored by save_state/load_state
-    if budget is not None:
-        accelerator.register_for_checkpointing(budget)
+    # The scheduler and AdaLoRA's budget are checkpointed by tuneloop as JSON/safetensors, not registered with
+    # Accelerate, which would pickle them and unpickle them on resume with weights_only=False.
     if config.peft.method != "none":
         keep_trainable_in_checkpoints(accelerator)
     run = Run(config=config, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -245,18 +261,18 @@ def save_atomically(target: Path, write) -> Path:
         shutil.rmtree(tmp)
     write(tmp)
     old = out / f"{target.name}.old"
+    if old.exists():  # left by a save that died while removing it; `target` (or `tmp`) is the model now
+        shutil.rmtree(old)
     if target.exists():
         target.rename(old)
     tmp.rename(target)
-    if old.exists():
-        shutil.rmtree(old)
+    atomic.fsync_dir(out)
+    shutil.rmtree(old, ignore_errors=True)
     return target
 
 
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_json(path, data)
 
 
 def describe_run(run: Run) -> str:
@@ -279,7 +295,13 @@ def train(config: Config, hooks: list | None = None) -> dict[str, float]:
     """Fine-tune and evaluate as configured; returns the final evaluation metrics.
 
     `hooks` are called with every record of metrics.jsonl (e.g. the search's pruning, which may raise).
+    Process 0 holds the output folder's run lock from before the existing-run check to the last file written.
     """
+    with RunLock(config.output.output_dir) if is_main_process() else contextlib.nullcontext():
+        return _train(config, hooks)
+
+
+def _train(config: Config, hooks: list | None) -> dict[str, float]:
     out = check_output_dir(config)
     accelerator = make_accelerator(config)
     config = resolve_for_device(config, accelerator.device.type)  # what config.yaml and checkpoints record
@@ -291,9 +313,11 @@ def train(config: Config, hooks: list | None = None) -> dict[str, float]:
     run = setup(config, accelerator, state, metrics_log)
     start_trackers(accelerator, config, metrics_log)
     if config.checkpoint.resume:
+        if accelerator.is_main_process and foreign_checkpoint(out, config.checkpoint.resume) is not None:
+            start_run_files(out, config)  # --overwrite: the folder's earlier run must not mix into this one
         path = resume(run, config.checkpoint.resume, config.checkpoint.resume_force)
         if accelerator.is_main_process:
-            (out / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+            atomic.write_text(out / "config.yaml", config.to_yaml())
             print(f"tuneloop: resuming from {path} at optimizer step {state.step} "
                   f"(epoch {state.epoch + 1}, batch {state.batch_in_epoch})", flush=True)
     elif accelerator.is_main_process:
@@ -341,7 +365,6 @@ def write_outputs(run: Run, out: Path, final: dict[str, Any], seconds: float, re
     if not run.accelerator.is_main_process:
         return
     save_model(run, out)
-    write_json(out / "eval_results.json", final)
     plot_learning_curves(run.log.records(), out / "learning_curves.png", run.main_metric)
     if run.eval_dataloaders:
         write_predictions(predictions, out / "predictions.jsonl")
@@ -350,6 +373,8 @@ def write_outputs(run: Run, out: Path, final: dict[str, Any], seconds: float, re
             write_json(out / name, record)
     write_json(out / "run_summary.json", run_summary(run, seconds))
     write_model_card(out / "model", run.config, final, run.raw.task_name, run.raw.metrics)
+    # Last: its presence says every other file of the run is complete (each is written whole or not at all).
+    write_json(out / "eval_results.json", final)
 
 
 def end_training(run: Run) -> None:

@@ -73,10 +73,9 @@ def write_predictions(predictions: dict[str, Any], path: Path) -> None:
         r["text"] = str(frame["text"].iloc[r["index"]])
         if "text_pair" in frame.columns:
             r["text_pair"] = str(frame["text_pair"].iloc[r["index"]])
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(f'{{"split": "{predictions["split"]}"}}\n')
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
+    from tuneloop import atomic
+
+    atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in [{"split": predictions["split"]}, *rows]))
 
 
 def multi_label_row(index: int, pred: list, scores: list, label: list, names: list[str]) -> dict[str, Any]:
@@ -149,10 +148,12 @@ def _read_json(path: Path) -> Any:
 
 
 def _read_predictions(path: Path) -> tuple[str | None, list[dict[str, Any]]]:
-    if not path.is_file():
+    from tuneloop.tracking import read_jsonl
+
+    lines = read_jsonl(path) if path.is_file() else []
+    if not lines or "split" not in lines[0]:  # missing, empty or cut short: a run without predictions
         return None, []
-    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return lines[0].get("split"), lines[1:]
+    return lines[0]["split"], lines[1:]
 
 
 def _confusion_png(rows: list[dict[str, Any]], names: list[str]) -> tuple[str, list[list[int]]]:
@@ -323,7 +324,6 @@ def render_report(folder: str | Path, output: str | Path | None = None) -> Path:
     env.filters["fmt"] = _fmt
     html = env.get_template("report.html.j2").render(**context)
     out = Path(output) if output else folder / "report.html"
-    tmp = out.with_suffix(".html.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    from tuneloop import atomic
+
+    return atomic.write_text(out, html)

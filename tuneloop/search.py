@@ -10,7 +10,6 @@ on several machines, with a shared RDB URL) run distinct trials of one study.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -19,9 +18,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from tuneloop import atomic
 from tuneloop.config import Config, config_from_dict, field_paths, short_names
 from tuneloop.errors import ConfigError, TuneloopError
 from tuneloop.naming import did_you_mean
+from tuneloop.redact import mask_url, redact
+from tuneloop.runlock import claim_for_study
 
 log = logging.getLogger(__name__)
 
@@ -202,25 +204,67 @@ def open_storage(url: str):
             return RDBStorage(url, heartbeat_interval=60, grace_period=180,
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
     except ImportError as e:
-        raise TuneloopError(f"--storage {_masked(url)}: the database driver is missing ({e})") from None
+        raise TuneloopError(f"--storage {mask_url(url)}: the database driver is missing ({redact(e, url)})") from None
     except Exception as e:  # sqlalchemy / optuna: an unreachable host, a bad URL, an unwritable file
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TuneloopError(f"--storage {_masked(url)}: cannot open the study storage: {first}") from None
-
-
-def _masked(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url
+        raise TuneloopError(f"--storage {mask_url(url)}: cannot open the study storage: {redact(first, url)}") from None
 
 
 def count_finished(study) -> int:
+    """Finished trials, not counting those failed because their worker was killed (each is retried)."""
     optuna = _optuna()
     states = tuple(getattr(optuna.trial.TrialState, s) for s in FINISHED_STATES)
-    return len(study.get_trials(deepcopy=False, states=states))
+    return sum(1 for t in study.get_trials(deepcopy=False, states=states) if not t.user_attrs.get("interrupted"))
+
+
+def fail_dead_trials(study) -> list[int]:
+    """Fail and re-enqueue this machine's RUNNING trials whose worker died (their folder's run lock is free).
+
+    Without this a killed trial stays RUNNING until Optuna's heartbeat grace period passes; its retry gets a
+    new number, so a new folder: no trial folder is ever written by two trials."""
+    from tuneloop.runlock import is_alive
+
+    optuna = _optuna()
+    host = socket.gethostname()
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        run_dir, worker = t.user_attrs.get("run_dir"), str(t.user_attrs.get("worker", ""))
+        if not run_dir or worker.rpartition(":")[0] != host or is_alive(run_dir) or _pid_alive(worker):
+            continue
+        try:  # another worker starting at the same time may fail it first: then it is that worker's retry
+            study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+            study._storage.set_trial_user_attr(t._trial_id, "error", f"interrupted: worker {worker} died")
+            if not study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        failed.append(t.number)
+    if failed:
+        print(f"tuneloop: trial(s) {', '.join(map(str, failed))} were interrupted (their worker died); "
+              f"each is retried with the same parameters", flush=True)
+    return failed
+
+
+def stop_at(n_trials: int):
+    """A callback that stops the study once it holds `n_trials` finished trials (interrupted ones not counted)."""
+
+    def stop(study, trial) -> None:
+        if count_finished(study) >= n_trials:
+            study.stop()
+
+    return stop
+
+
+def _pid_alive(worker: str) -> bool:
+    try:
+        pid = int(worker.rpartition(":")[2])
+        os.kill(pid, 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return pid != os.getpid()  # our own pid: reused after the worker died
 
 
 def search(base: Config, space_file: str | None = None, storage: str | None = None, study_name: str = "tuneloop",
@@ -240,23 +284,23 @@ def search(base: Config, space_file: str | None = None, storage: str | None = No
     url = storage or f"sqlite:///{out / 'study.db'}"
     main_metric = load_raw(base.data, need_train=False).main_metric
     study = open_study(url, study_name, pruner, main_metric)
+    claim_for_study(out, study_name, url)  # the folder is this study's: another study's search is refused
     space = respect_given(space, base, space_file)  # after the checks that fail, so a failing command says one line
+    fail_dead_trials(study)
     done = count_finished(study)
     if done >= n_trials:
         print(f"tuneloop: study '{study_name}' already holds {done} finished trials (--n-trials {n_trials})", flush=True)
     else:
-        print(f"tuneloop: study '{study_name}' in {_masked(url)}: {done} of {n_trials} trials finished; "
+        print(f"tuneloop: study '{study_name}' in {mask_url(url)}: {done} of {n_trials} trials finished; "
               f"objective {main_metric} (maximise)", flush=True)
-        stop = optuna.study.MaxTrialsCallback(n_trials, states=tuple(getattr(optuna.trial.TrialState, s)
-                                                                     for s in FINISHED_STATES))
         try:
             study.optimize(trial_objective(base, space, out, main_metric), timeout=timeout, catch=(Exception,),
-                           callbacks=[stop])
+                           callbacks=[stop_at(n_trials)])
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: still write what the study holds, then stop
             from tuneloop.signals import Interrupted
 
             write_results(study, base, space, out, url, main_metric, require_complete=False)
-            raise Interrupted(f"search stopped by a signal; the study is in {_masked(url)}: "
+            raise Interrupted(f"search stopped by a signal; the study is in {mask_url(url)}: "
                               f"run the same command to continue it") from None
     return write_results(study, base, space, out, url, main_metric)
 
@@ -315,11 +359,12 @@ def write_results(study, base: Config, space: dict[str, Any], out: Path, url: st
         frame["duration"] = frame["duration"].dt.total_seconds().round(1)
     frame = frame.rename(columns={"value": main_metric, f"value_{main_metric}": main_metric, "duration": "duration_s"})
     frame.columns = [c.removeprefix("params_").removeprefix("user_attrs_") for c in frame.columns]
-    frame.to_csv(out / "trials.csv", index=False)
+    with atomic.replacing(out / "trials.csv") as tmp:
+        frame.to_csv(tmp, index=False)
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     counts = {s: len(study.get_trials(deepcopy=False, states=(getattr(optuna.trial.TrialState, s),)))
               for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
-    summary: dict[str, Any] = {"study_name": study.study_name, "storage": _masked(url), "objective": main_metric,
+    summary: dict[str, Any] = {"study_name": study.study_name, "storage": mask_url(url), "objective": main_metric,
                                "direction": "maximize", "trials": counts, "space": space}
     _plots(study, out)
     if complete:
@@ -328,10 +373,10 @@ def write_results(study, base: Config, space: dict[str, Any], out: Path, url: st
                        best_run_dir=best.user_attrs.get("run_dir"))
         best_config = config_with(base, best.params, out / "best")
         best_config.output.overwrite = False
-        (out / "best_config.yaml").write_text(
-            f"# Best trial {best.number} of study '{study.study_name}': {main_metric} {best.value:.4f}\n"
-            f"# tuneloop train --config {out / 'best_config.yaml'}\n" + best_config.to_yaml(), encoding="utf-8")
-    (out / "search_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+        atomic.write_text(out / "best_config.yaml",
+                          f"# Best trial {best.number} of study '{study.study_name}': {main_metric} {best.value:.4f}\n"
+                          f"# tuneloop train --config {out / 'best_config.yaml'}\n" + best_config.to_yaml())
+    atomic.write_json(out / "search_summary.json", summary, default=str)
     lines = [f"tuneloop: study '{study.study_name}': " + ", ".join(f"{v} {k.lower()}" for k, v in counts.items() if v)]
     if complete:
         lines.append(f"best trial {summary['best_trial']}: {main_metric} {summary['best_value']:.4f} with "
@@ -363,7 +408,8 @@ def _plots(study, out: Path) -> None:
             fig = ax.figure if hasattr(ax, "figure") else ax[0].figure
             fig.set_size_inches(7, 4.5)
             fig.tight_layout()
-            fig.savefig(out / f"{name}.png", dpi=90)
+            with atomic.replacing(out / f"{name}.png") as tmp:
+                fig.savefig(tmp, dpi=90, format="png")
             plt.close(fig)
         except Exception as e:  # importances need 2+ complete trials with varied parameters
             log.warning("no %s plot: %s", name.replace("_", " "), str(e).splitlines()[0] if str(e) else e)

@@ -3,8 +3,10 @@
 `tuneloop train --seeds 0,1,2` trains `OUT/seed-0/`, `OUT/seed-1/`, ... one after another with the same
 settings, then writes `OUT/seeds_summary.json` and prints every metric's per-seed values, mean,
 sample standard deviation and a percentile-bootstrap 95% confidence interval of the mean (scipy).
-A seed whose folder already holds a finished run with the same config is reused, so a crashed
-multi-seed run continues with the same command.
+A seed whose folder already holds a finished run with the same config is reused, and one whose run of
+the same config died part-way resumes from its newest good checkpoint (or starts again), so a crashed
+or killed multi-seed run continues with the same command. `OUT` is locked for the whole command, and
+each seed folder by its own run.
 """
 
 from __future__ import annotations
@@ -95,17 +97,60 @@ def format_table(summary: dict[str, Any], runs_key: str = "seeds", run_name: str
     return "\n".join(lines)
 
 
-def finished_with_same_config(folder: Path, config) -> bool:
-    """A finished run whose settings equal `config`'s, except those that do not change results."""
+def _same_config(folder: Path, config) -> bool:
+    """Whether the run in `folder` has `config`'s settings, except those that do not change results."""
     import yaml
 
     from tuneloop.checkpoint import RESUME_SAFE
 
-    if not ((folder / "eval_results.json").is_file() and (folder / "model").is_dir() and (folder / "config.yaml").is_file()):
+    try:
+        saved = dotted_keys(yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")))
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
         return False
-    saved = dotted_keys(yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")))
     wanted = dotted_keys(config.to_dict())
     return all(saved.get(k) == v for k, v in wanted.items() if k not in RESUME_SAFE)
+
+
+def _complete(folder: Path) -> bool:
+    """Every file a finished run leaves is there and whole (eval_results.json is written last)."""
+    from tuneloop.tracking import read_jsonl
+
+    try:
+        results = json.loads((folder / "eval_results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    predictions = folder / "predictions.jsonl"
+    if predictions.exists() and not (read_jsonl(predictions)[:1] and "split" in read_jsonl(predictions)[0]):
+        return False
+    return isinstance(results, dict) and (folder / "model" / "config.json").is_file()
+
+
+def seed_status(folder: Path, config) -> str:
+    """'done' (a complete run of `config`), 'unfinished' (a run of `config` that died), 'other' or 'empty'."""
+    if not (folder / "config.yaml").is_file():
+        return "other" if folder.is_dir() and any(p.name in ("model", "eval_results.json") for p in folder.iterdir()) \
+            else "empty"
+    if not _same_config(folder, config):
+        return "other"
+    return "done" if _complete(folder) else "unfinished"
+
+
+def finished_with_same_config(folder: Path, config) -> bool:
+    """A complete run of `config` in `folder`, to reuse (seeds, folds)."""
+    return seed_status(folder, config) == "done"
+
+
+def _continue_unfinished(cfg, folder: Path) -> str:
+    """Resume a dead run of the same settings from its newest good checkpoint, or start it again."""
+    from tuneloop.checkpoint import find_resume_checkpoint
+
+    try:
+        find_resume_checkpoint(folder, "latest")
+    except TuneloopError:
+        cfg.checkpoint.resume, cfg.output.overwrite = None, True  # no checkpoint: it starts again (same seed)
+        return "starting it again"
+    cfg.checkpoint.resume = "latest"
+    return "resuming it"
 
 
 def train_seeds(config, seeds: list[int]) -> dict[str, Any]:
@@ -113,27 +158,43 @@ def train_seeds(config, seeds: list[int]) -> dict[str, Any]:
     from tuneloop.card import push_to_hub, write_model_card
     from tuneloop.recipe import train, write_json
 
+    from tuneloop.runlock import RunLock
+
     out = Path(config.output.output_dir)
     if "train.seed" in config.given:
         raise ConfigError(f"train.seed: --seeds sets each run's seed, so --seed {config.train.seed} would apply to "
                           f"none; drop one of them")
-    if (out / SUMMARY).exists() and not config.output.overwrite:
-        raise TuneloopError(f"output folder {out} already holds a multi-seed run ({SUMMARY}); "
-                            f"pass --overwrite or choose another --output-dir")
+    with RunLock(out):
+        return _train_seeds(config, seeds, out, train, write_json, write_model_card, push_to_hub)
+
+
+def _seed_configs(config, seeds: list[int], out: Path) -> dict[int, Any]:
     configs = {}
-    for i, seed in enumerate(seeds):
+    for seed in seeds:
         cfg = copy.deepcopy(config)
         cfg.train.seed = seed
         cfg.output.output_dir = str(seed_dir(out, seed))
         cfg.output.push_to_hub = None  # one push at the end, of the best seed, with the spread in its card
         configs[seed] = cfg
-        folder = seed_dir(out, seed)
-        if not config.output.overwrite and finished_with_same_config(folder, cfg):
-            print(f"tuneloop: seed {seed} ({i + 1}/{len(seeds)}) already finished in {folder}; reusing it", flush=True)
+    return configs
+
+
+def _train_seeds(config, seeds, out, train, write_json, write_model_card, push_to_hub) -> dict[str, Any]:
+    configs = _seed_configs(config, seeds, out)
+    status = {s: seed_status(seed_dir(out, s), configs[s]) for s in seeds}
+    if (out / SUMMARY).exists() and not config.output.overwrite and "other" in status.values():
+        raise TuneloopError(f"output folder {out} already holds a multi-seed run ({SUMMARY}); "
+                            f"pass --overwrite or choose another --output-dir")
+    for i, seed in enumerate(seeds):
+        cfg, folder, where = configs[seed], seed_dir(out, seed), f"seed {seed} ({i + 1}/{len(seeds)})"
+        if not config.output.overwrite and status[seed] == "done":
+            print(f"tuneloop: {where} already finished in {folder}; reusing it", flush=True)
             continue
-        if cfg.checkpoint.resume and not (folder / "checkpoints").is_dir():
+        if not config.output.overwrite and status[seed] == "unfinished":
+            print(f"tuneloop: {where} did not finish in {folder}; {_continue_unfinished(cfg, folder)}", flush=True)
+        elif cfg.checkpoint.resume and not (folder / "checkpoints").is_dir():
             cfg.checkpoint.resume = None  # --resume continues the seeds that have checkpoints, starts the others
-        print(f"tuneloop: seed {seed} ({i + 1}/{len(seeds)}) -> {folder}", flush=True)
+        print(f"tuneloop: {where} -> {folder}", flush=True)
         train(cfg)
     summary = summarize(out, seeds)
     write_json(out / SUMMARY, summary)

@@ -39,9 +39,20 @@ class MetricsLog:
             sink(record)
 
     def records(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return read_jsonl(self.path) if self.path.exists() else []
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON Lines file; a line cut short by a kill (the last one of an unfinished run) is skipped."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def plot_learning_curves(records: list[dict[str, Any]], out_path: str | Path, main_metric: str) -> Path:
@@ -64,8 +75,11 @@ def plot_learning_curves(records: list[dict[str, Any]], out_path: str | Path, ma
     axes[2].set(title=f"eval {main_metric}", xlabel="optimizer step")
     for ax in axes:
         ax.grid(alpha=0.3)
+    from tuneloop import atomic
+
     out_path = Path(out_path)
-    fig.savefig(out_path, dpi=100)
+    with atomic.replacing(out_path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     return out_path
 
 
