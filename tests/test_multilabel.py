@@ -244,3 +244,26 @@ def test_data_preview_counts_each_label(tiny3, tmp_path, capsys):
     for tag in TAGS:
         count = sum(tag in r["labels"] for r in rows)
         assert f"{tag}: {count} ({count / len(rows):.1%})" in printed
+
+
+def test_parquet_lists_and_sequence_of_class_label_are_multi_label(tmp_path):
+    import pandas as pd
+    from datasets import ClassLabel, Dataset, Features, List, Value
+
+    from tuneloop.config import DataConfig
+    from tuneloop.data import load_raw
+
+    frame = pd.DataFrame({"text": ["a", "b", "c", "d"], "tags": [["x", "y"], [], ["y"], ["x"]]})
+    frame.to_parquet(tmp_path / "train.parquet")
+    raw = load_raw(DataConfig(task=None, train_file=str(tmp_path / "train.parquet"), label_column="tags"))
+    assert raw.multi_label and raw.label_names == ["x", "y"] and raw.main_metric == "f1_micro"
+    assert raw.splits["train"]["label"].tolist() == [(1.0, 1.0), (0.0, 0.0), (0.0, 1.0), (1.0, 0.0)]
+
+    # A datasets folder whose label is Sequence(ClassLabel): the feature's names, in its order, even one never used.
+    features = Features({"text": Value("string"), "tags": List(ClassLabel(names=["z", "y", "x"]))})
+    (tmp_path / "ds" / "data").mkdir(parents=True)
+    Dataset.from_dict({"text": ["a", "b", "c"], "tags": [[2, 1], [], [1]]}, features=features).to_parquet(
+        str(tmp_path / "ds" / "data" / "train-00000-of-00001.parquet"))
+    raw = load_raw(DataConfig(task=None, dataset=str(tmp_path / "ds"), label_column="tags"))
+    assert raw.multi_label and raw.label_names == ["z", "y", "x"]
+    assert raw.splits["train"]["label"].tolist() == [(0.0, 1.0, 1.0), (0.0, 0.0, 0.0), (0.0, 1.0, 0.0)]
