@@ -208,6 +208,11 @@ def test_tuned_thresholds_are_stored_and_change_predict(tiny3, tmp_path, capsys)
     y, p = mlb.fit_transform([r["label"] for r in rows]), mlb.transform([r["prediction"] for r in rows])
     assert results["f1_micro_tuned"] == pytest.approx(f1_score(y, p, average="micro", zero_division=0.0))
     assert results["f1_micro_tuned"] >= results["f1_micro_before"]
+    card = (out / "model" / "README.md").read_text()
+    assert f"Multi-label: each label ({', '.join(names)}) has its own sigmoid score" in card
+    assert f"f1_micro {results['f1_micro_tuned']:.4f} there, {results['f1_micro_before']:.4f} at 0.5" in card
+    assert f"| {names[0]} | {results['precision_' + names[0]]:.4f} | {results['recall_' + names[0]]:.4f} | " \
+           f"{results['f1_' + names[0]]:.4f} |" in card
 
     untuned = tmp_path / "untuned"
     shutil.copytree(out / "model", untuned)
