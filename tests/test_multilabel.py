@@ -81,6 +81,9 @@ def test_list_labels_train_multi_label_and_metrics_match_sklearn(tiny3, tmp_path
     assert len(rows) == 24
     for key, value in expected.items():
         assert results[key] == pytest.approx(value, abs=1e-9), key
+    assert main(["report", str(out)]) == 0  # a report of sets: per-label scores, no confusion matrix
+    html = (out / "report.html").read_text()
+    assert all(f"f1_{n}" in html for n in names) and "confusion" not in html.lower()
 
 
 def test_pipeline_gives_independent_sigmoid_scores(tiny3, tmp_path):
