@@ -12,6 +12,8 @@ Rows (each one runs as its own fresh process, one after another):
   e  the course loop on a tiny model (2 layers, hidden 32, random weights): a step is nearly all framework overhead
   f  tuneloop, course hyperparameters, fp32, on the same tiny model (seconds per optimizer step vs e's)
   g  tuneloop, course hyperparameters, torch.compile with CUDA graphs (`--train.compile reduce-overhead`; GPUs)
+  h  row c in fp32 (`--mixed-precision no`): what a CPU without fast bf16 trains in
+  i  row d in fp32 (`--mixed-precision no`)
 Prints a Markdown table, the ratios the issue's targets are stated in, and writes JSON. How each number
 is measured: benchmarks/README.md (and the `how_measured` block of the JSON).
 """
@@ -58,11 +60,17 @@ ROWS = {
     "e": "course loop, tiny model",
     "f": "tuneloop, tiny model, fp32",
     "g": "tuneloop, course hparams, compiled",
+    "h": "tuneloop, course hparams, fp32",
+    "i": "tuneloop, default recipe, fp32",
 }
 TINY_ROWS = ("e", "f")
 TINY_EPOCHS = 1  # per-step overhead does not need three epochs
 # (g) row c with torch.compile and CUDA graphs over a bounded set of padded shapes.
 COMPILED = ["--train.compile", "reduce-overhead"]
+FP32 = ["--mixed-precision", "no"]
+# The flags of every tuneloop row (before --epochs / --max-train-samples, which apply to every row alike).
+TUNELOOP_ROWS = {"c": SAME_AS_COURSE, "d": DEFAULT_RECIPE, "f": [*SAME_AS_COURSE, *FP32],
+                 "g": [*SAME_AS_COURSE, *COMPILED], "h": [*SAME_AS_COURSE, *FP32], "i": [*DEFAULT_RECIPE, *FP32]}
 
 QUICK = {"max_train_samples": 512, "epochs": 2}  # 128 steps per row at batch 8; the same for every row
 
@@ -163,8 +171,7 @@ def reference_command(row: str, args, seed: int, run_dir: Path, results: Path) -
 
 
 def tuneloop_command(row: str, args, seed: int, out_dir: Path) -> list[str]:
-    flags = {"c": SAME_AS_COURSE, "d": DEFAULT_RECIPE, "f": [*SAME_AS_COURSE, "--mixed-precision", "no"],
-             "g": [*SAME_AS_COURSE, *COMPILED]}[row]
+    flags = TUNELOOP_ROWS[row]
     cmd = [sys.executable, "-m", "tuneloop", "train", "--task", "mrpc", "--data-dir", args.data_dir,
            "--model", row_model(row, args), "--output-dir", str(out_dir), "--seed", str(seed), *flags]
     if args.epochs or row in TINY_ROWS:  # later flags win: --quick / --epochs apply to every row alike
@@ -380,7 +387,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Course loop vs HF Trainer vs tuneloop on MRPC (see benchmarks/README.md).")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke check: the first {QUICK['max_train_samples']} training examples, {QUICK['epochs']} epochs, every row")
-    parser.add_argument("--rows", default="a,b,c,d,e,f", help="rows to run, in order (default: a,b,c,d,e,f; g: compiled, for GPUs)")
+    parser.add_argument("--rows", default="a,b,c,d,e,f", help="rows to run, in order (default: a,b,c,d,e,f; g: compiled, "
+                                                              "for GPUs; h, i: c and d in fp32)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; every row runs once per seed (default: 0)")
     parser.add_argument("--out", default=None, help="JSON results (default: benchmarks/results.json, with --quick results-quick.json)")
     parser.add_argument("--data-dir", default=None, help=f"GLUE MRPC folder (default: {DEFAULT_DATA_DIR} from the repository root)")
@@ -459,8 +467,7 @@ def main(argv=None) -> int:
         "device": machine["device"], "machine": machine, "model_shape": shape, "model_shapes": shapes,
         "matmul_peak": {"device": peak_device, "used_flops_per_second": peaks, "before": measured_before,
                         "after": measured_after},
-        "recipes": {"c": SAME_AS_COURSE, "d": DEFAULT_RECIPE, "f": [*SAME_AS_COURSE, "--mixed-precision", "no"],
-                    "g": [*SAME_AS_COURSE, *COMPILED]},
+        "recipes": TUNELOOP_ROWS,
         "summary": summary, "ratios": r, "targets": targets_text(r), "table_markdown": table,
         "how_measured": HOW_MEASURED, "runs": runs,
     }

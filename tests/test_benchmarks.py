@@ -136,6 +136,50 @@ def test_efficiency_extra_rows_come_from_flags_and_run_on_the_first_seed():
     assert efficiency.plan(efficiency.parse_args(["--predict-only", "some/model"])) == []  # no training at all
 
 
+def _run(row, seed, acc, ok=True):
+    return {"row": row, "seed": seed, "returncode": 0 if ok else 1, "dev": {"accuracy": acc}}
+
+
+def test_fast_recipe_seed_table_means_sds_and_failed_seeds():
+    from benchmarks.fast_recipe import seed_table
+
+    runs = [_run("a", 3, 0.80), _run("a", 4, 0.82), _run("i", 3, 0.83), _run("i", 4, 0.0, ok=False)]
+    table, stats = seed_table(runs, ["a", "i"], [3, 4])
+    assert stats["a"]["mean"] == pytest.approx(0.81) and stats["a"]["sd"] == pytest.approx(0.0141421, rel=1e-4)
+    assert stats["i"] == {"accuracy": {3: 0.83}, "mean": 0.83, "sd": None}  # a failed seed is not a zero
+    lines = table.splitlines()
+    assert lines[0] == "| row | seed 3 | seed 4 | mean | sd |"
+    assert lines[2] == "| a: course loop (reference) | 0.800 | 0.820 | 0.810 | 0.014 |"
+    assert lines[3] == "| i: tuneloop, default recipe, fp32 | 0.830 | failed | 0.830 |  |"
+
+
+def test_fast_recipe_targets_from_summaries():
+    from benchmarks.fast_recipe import FP32_TARGETS, accuracy_targets, ratio_lines, rows_for, speed_ratios
+
+    summary = {"a": {"runs_ok": 1, "samples_per_second": 10.0, "wall_seconds": 100.0},
+               "h": {"runs_ok": 1, "samples_per_second": 21.0, "wall_seconds": 60.0},
+               "i": {"runs_ok": 1, "samples_per_second": 40.0, "wall_seconds": 40.0}}
+    ratios = speed_ratios(summary)
+    assert ratios == {"h_over_a_samples_per_second": 2.1, "i_over_a_wall_seconds": 0.4}
+    assert ratio_lines(ratios, FP32_TARGETS) == [
+        "- PASS  fp32: course hparams samples/s >= 2.0x course loop: 2.100 (target >= 2.0)",
+        "- FAIL  fp32: --config fast wall <= 35% of course loop: 0.400 (target <= 0.35)"]
+    stats = {"a": {"mean": 0.80, "sd": 0.02}, "i": {"mean": 0.815, "sd": 0.01}}
+    assert [line[:6] for line in accuracy_targets(stats, "i")] == ["- PASS", "- PASS"]
+    stats["i"]["mean"] = 0.805  # only half a point better
+    assert accuracy_targets(stats, "i")[0].startswith("- FAIL")
+    assert rows_for("fp32") == ["a", "h", "i"] and rows_for("bf16") == ["a", "h", "i", "c", "d"]
+
+
+def test_fast_recipe_tiny_mode_defaults_to_one_checking_seed():
+    from benchmarks.fast_recipe import parse_args
+
+    tiny = parse_args(["--tiny"])
+    assert (tiny.seeds, tiny.epochs, tiny.max_train_samples) == ("3", 1, 256)
+    assert parse_args(["--tiny", "--seeds", "0,1"]).seeds == "0,1"
+    assert parse_args([]).seeds == "3,4,5,6,7"
+
+
 def test_data_problems_hides_the_evidence_past_the_first_window_and_subsamples_positives():
     from benchmarks import data_problems as dp
     from tuneloop.model import build_tokenizer

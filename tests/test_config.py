@@ -37,6 +37,11 @@ def test_null_flag_and_booleans():
     ({"train": {"mixed_precision": "bf61"}}, "train.mixed_precision: 'bf61' is not one of no, bf16, fp16"),
     ({"optim": {"lr_scheduler": "cosnie"}}, "did you mean 'cosine'?"),
     ({"model": {"attn_implementation": "laen"}}, "model.attn_implementation: unknown attention 'laen' (did you mean 'lean'?)"),
+    ({"optim": {"layer_decay": 0}}, "optim.layer_decay: must be in (0, 1] or null, got 0.0"),
+    ({"optim": {"layer_decay": 1.2}}, "optim.layer_decay: must be in (0, 1] or null, got 1.2"),
+    ({"optim": {"embeddings": "frozen"}}, "optim.embeddings: 'frozen' is not one of train, freeze (did you mean 'freeze'?)"),
+    ({"model": {"reinit_layers": -1}}, "model.reinit_layers: must not be negative, got -1"),
+    ({"model": {"reinit_layers": 1}, "peft": {"method": "lora"}}, "model.reinit_layers: re-initialised layers must train"),
 ])
 def test_invalid_config_names_the_key(raw, message):
     with pytest.raises(ConfigError) as e:

@@ -37,6 +37,23 @@ def test_the_fast_recipe_resolves_per_device(monkeypatch, device, fast_bf16, kin
         (32, 1e-4, 0.0, 16)
 
 
+@pytest.mark.parametrize("device, fast_bf16, expected", [
+    ("cuda", True, ("sdpa", "torch")),  # as before on GPUs
+    ("cpu", True, ("lean", "fast")),
+    ("cpu", False, ("lean", "fast")),
+])
+def test_the_defaults_resolve_the_step_per_device_too(monkeypatch, device, fast_bf16, expected):
+    # Attention kernel and mask generator change no hyperparameter: every run gets the device's, not only --config fast.
+    _cpu(monkeypatch, fast_bf16)
+    config = load_config(None, {})
+    assert (config.model.attn_implementation, config.model.dropout_masks) == ("auto", "auto")
+    r = resolve_for_device(config, device)
+    assert (r.model.attn_implementation, r.model.dropout_masks) == expected
+    # ... and nothing that is a hyperparameter moves.
+    assert (r.train.batch_size, r.optim.learning_rate, r.model.attention_dropout, r.train.gradient_checkpointing) == \
+        (8, 5e-5, None, False)
+
+
 def test_a_large_model_gets_bf16_on_gpus(monkeypatch, tmp_path):
     import json
 

@@ -178,6 +178,49 @@ def test_gradient_checkpointing_uses_the_method_the_installed_transformers_has(t
     assert calls == [{"gradient_checkpointing_kwargs": {"use_reentrant": False}}]
 
 
+def test_reinit_layers_changes_the_top_layers_and_the_pooler_only(tiny_model_dir):
+    from tuneloop.model import reinit_top_layers
+
+    pretrained = build_model(str(tiny_model_dir), ["no", "yes"])
+    torch.manual_seed(0)
+    model = build_model(str(tiny_model_dir), ["no", "yes"])
+    before = {n: p.detach().clone() for n, p in pretrained.named_parameters()}
+    torch.manual_seed(1)
+    assert reinit_top_layers(model, 1) == 1
+    for name, p in model.named_parameters():
+        top = name.startswith(("bert.encoder.layer.1.", "bert.pooler."))
+        if top and name.endswith("dense.weight"):  # matrices: freshly drawn from N(0, initializer_range)
+            assert not torch.equal(p, before[name]), name
+            assert p.std().item() == pytest.approx(model.config.initializer_range, rel=0.3)
+        elif top and "LayerNorm" in name:
+            assert torch.equal(p, torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p)), name
+        elif not top and not name.startswith("classifier."):  # the head is new anyway
+            assert torch.equal(p, before[name]), name
+    # Seeded: the same seed re-initialises to the same weights.
+    again = build_model(str(tiny_model_dir), ["no", "yes"])
+    torch.manual_seed(1)
+    reinit_top_layers(again, 1)
+    assert torch.equal(again.bert.encoder.layer[1].output.dense.weight, model.bert.encoder.layer[1].output.dense.weight)
+
+
+def test_reinit_more_layers_than_the_model_has_is_one_clear_error(tiny_model_dir):
+    from tuneloop.model import reinit_top_layers
+
+    with pytest.raises(TuneloopError, match="model.reinit_layers: the model has 2 encoder layers, cannot re-initialise 3"):
+        reinit_top_layers(build_model(str(tiny_model_dir), ["no", "yes"]), 3)
+
+
+def test_layer_depths_of_bert_names():
+    from tuneloop.model import layer_depth
+
+    stack = "bert.encoder.layer"
+    assert layer_depth("bert.embeddings.word_embeddings.weight", stack, 6) == 0
+    assert layer_depth("bert.encoder.layer.0.attention.self.query.weight", stack, 6) == 1
+    assert layer_depth("bert.encoder.layer.5.output.dense.bias", stack, 6) == 6
+    assert layer_depth("bert.pooler.dense.weight", stack, 6) == 7
+    assert layer_depth("classifier.weight", stack, 6) == 7
+
+
 def test_max_length_above_the_position_embeddings_is_capped_before_training(tiny_model_dir, tmp_path, capsys):
     """Before: --max-length 256 on a model with 128 positions crashed at the first batch
     (IndexError on a CPU, a device-side assert on a GPU)."""

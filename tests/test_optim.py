@@ -4,7 +4,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from tuneloop.config import OptimConfig
 from tuneloop.errors import ConfigError
-from tuneloop.optim import build_optimizer, build_scheduler, num_training_steps, param_groups
+from tuneloop.optim import build_optimizer, build_scheduler, num_training_steps, num_warmup_steps, param_groups
 
 
 def _model():
@@ -56,6 +56,33 @@ def test_linear_schedule_warms_up_and_ends_at_zero():
 def test_warmup_longer_than_training_is_refused():
     with pytest.raises(ConfigError, match="warmup .* is not shorter than training"):
         build_scheduler(build_optimizer(_model(), OptimConfig()), OptimConfig(warmup_steps=50), total_steps=50)
+
+
+@pytest.mark.parametrize("ratio, total, expected", [
+    (0.1, 1, 0),  # 32 examples at batch 32: one step, so no warmup (was: an error)
+    (0.1, 2, 1),
+    (0.1, 10, 1),
+    (0.1, 11, 2),  # rounded up, as before
+    (0.9, 5, 4),  # capped one below the run: the last step still trains at a decayed lr
+    (0.0, 1, 0),
+])
+def test_a_warmup_ratio_never_makes_a_run_invalid(ratio, total, expected):
+    assert num_warmup_steps(OptimConfig(warmup_ratio=ratio), total) == expected
+
+
+def test_a_ratio_warmup_on_a_one_step_run_trains_that_step_at_the_peak_lr():
+    model = _model()
+    cfg = OptimConfig(learning_rate=1e-3, warmup_ratio=0.1)
+    opt = build_optimizer(model, cfg)
+    build_scheduler(opt, cfg, total_steps=1)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)  # no warmup step at lr 0
+
+
+def test_explicit_warmup_steps_are_kept_and_still_checked():
+    assert num_warmup_steps(OptimConfig(warmup_steps=3, warmup_ratio=0.5), 10) == 3  # steps override the ratio
+    with pytest.raises(ConfigError, match=r"optim.warmup_steps: warmup \(1 steps\) is not shorter than training "
+                                          r"\(1 optimizer steps\)"):
+        num_warmup_steps(OptimConfig(warmup_steps=1), 1)
 
 
 def _first_step_moves(model, cfg):
@@ -142,3 +169,50 @@ def test_adamw_8bit_on_a_device_without_kernels_fails_in_one_line(monkeypatch):
     with pytest.raises(ConfigError, match=r"has no 8-bit AdamW for device cpu \(no kernel registered for device\); "
                                           r"use --optimizer adamw$"):
         build_optimizer(_model(), OptimConfig(name="adamw_8bit"))
+
+
+def _three_layer_model():
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=3,
+                                                    num_attention_heads=2, intermediate_size=16))
+
+
+def test_layer_decay_scales_each_layer_by_decay_to_its_depth_from_the_top():
+    model = _three_layer_model()
+    moves = _first_step_moves(model, OptimConfig(learning_rate=1e-3, layer_decay=0.5, weight_decay=0.0))
+    for name, move in moves.items():
+        if name.startswith("bert.embeddings."):
+            expected = 1e-3 * 0.5 ** 4  # below layer 1 of 3
+        elif name.startswith("bert.encoder.layer."):
+            expected = 1e-3 * 0.5 ** (3 - int(name.split(".")[3]))  # layer index 0..2: decay^3..decay^1
+        else:
+            assert name.startswith(("bert.pooler.", "classifier.")), name
+            expected = 1e-3
+        assert move == pytest.approx(expected, rel=1e-3), name
+    groups = build_optimizer(model, OptimConfig(learning_rate=1e-3, layer_decay=0.5)).param_groups
+    assert groups[0]["lr"] == 1e-3 and groups[0]["weight_decay"] == 0.01  # the logged group: full lr, decayed
+    assert sorted({g["lr"] for g in groups}) == pytest.approx([1e-3 * 0.5 ** k for k in (4, 3, 2, 1, 0)])
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))  # every parameter, once
+
+
+def test_layer_decay_composes_with_the_head_learning_rate():
+    moves = _first_step_moves(_three_layer_model(), OptimConfig(learning_rate=1e-3, layer_decay=0.8,
+                                                                head_learning_rate=1e-2, weight_decay=0.0))
+    assert moves["classifier.weight"] == pytest.approx(1e-2, rel=1e-3)
+    assert moves["bert.encoder.layer.0.output.dense.weight"] == pytest.approx(1e-3 * 0.8 ** 3, rel=1e-3)
+
+
+def test_layer_decay_of_one_is_no_decay():
+    groups = build_optimizer(_three_layer_model(), OptimConfig(layer_decay=1.0)).param_groups
+    assert {g["lr"] for g in groups} == {5e-5}
+
+
+def test_frozen_word_embeddings_are_in_no_group_and_get_no_state():
+    from tuneloop.model import freeze_word_embeddings
+
+    model = _three_layer_model()
+    assert freeze_word_embeddings(model) == 50 * 8
+    word = model.bert.embeddings.word_embeddings.weight
+    opt = build_optimizer(model, OptimConfig())
+    assert all(p is not word for g in opt.param_groups for p in g["params"])
+    assert model.bert.embeddings.position_embeddings.weight.requires_grad  # only the word embeddings freeze

@@ -136,3 +136,34 @@ def test_a_leftover_model_old_is_cleaned_up(tmp_path):
     save_atomically(tmp_path / "model", lambda tmp: (tmp.mkdir(), (tmp / "weights").write_text("v2")))
     assert (tmp_path / "model" / "weights").read_text() == "v2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_frozen_word_embeddings_stay_bitwise_and_have_no_optimizer_state(tiny_model_dir, mrpc_slice, tmp_path):
+    out = tmp_path / "frozen"
+    c = _config(tiny_model_dir, mrpc_slice, out)
+    c.optim.embeddings = "freeze"
+    tuneloop.train(c)
+    before, after = load_file(str(tiny_model_dir / "model.safetensors")), _weights(out)
+    word = "bert.embeddings.word_embeddings.weight"
+    assert torch.equal(after[word], before[word])
+    assert not torch.equal(after["bert.embeddings.position_embeddings.weight"],
+                           before["bert.embeddings.position_embeddings.weight"])  # the rest trained
+    ckpt = sorted((out / "checkpoints").iterdir())[-1]
+    state = torch.load(ckpt / "optimizer.bin", weights_only=False)["state"]
+    trainable = sum(1 for k in after if k != word and "position_ids" not in k)
+    assert len(state) == trainable  # one AdamW state per trained tensor, none for the word embeddings
+    assert all(s["exp_avg"].shape != after[word].shape for s in state.values())
+
+
+def test_reinit_layers_run_is_seeded_and_recorded(tiny_model_dir, mrpc_slice, tmp_path):
+    import yaml
+
+    def run(name):
+        c = _config(tiny_model_dir, mrpc_slice, tmp_path / name, epochs=1)
+        c.model.reinit_layers = 1
+        tuneloop.train(c)
+        return _weights(tmp_path / name)
+
+    a, b = run("a"), run("b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["model"]["reinit_layers"] == 1

@@ -1,7 +1,8 @@
 """Settings that help only one kind of device, resolved per device at setup.
 
 A recipe says what it wants (`--config fast`: fast, within the memory the course loop needs); how to get
-there depends on the device. Every `auto` below becomes a concrete value before training starts, and the
+there depends on the device. Settings that change no hyperparameter (attention kernel, dropout mask
+generator) default to `auto`, so every run gets its device's fastest step, not only `--config fast`. Every `auto` below becomes a concrete value before training starts, and the
 resolved config is the one written to the run's config.yaml and to every checkpoint.
 
 Three kinds of device, because they differ in what is cheap:

@@ -171,6 +171,64 @@ def enable_gradient_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def encoder_layers(model) -> tuple[str, list]:
+    """The encoder's stack of layers, bottom first, and its name in `model.named_parameters()`: the first
+    ModuleList called `layer` or `layers` (BERT/RoBERTa/ELECTRA `encoder.layer`, DistilBERT
+    `transformer.layer`, ModernBERT `layers`), found the same way under a PEFT wrapper."""
+    import torch
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layer", "layers"):
+            return name, list(module)
+    raise TuneloopError(f"{type(model).__name__} has no encoder layer stack (a ModuleList named layer or layers): "
+                        "layer_decay and reinit_layers need one")
+
+
+def layer_depth(param_name: str, layers_name: str, num_layers: int) -> int:
+    """0 for embeddings, i + 1 for encoder layer i, num_layers + 1 for the rest (pooler, head, final norm)."""
+    if param_name.startswith(layers_name + "."):
+        return int(param_name[len(layers_name) + 1:].split(".", 1)[0]) + 1
+    return 0 if "embeddings" in param_name.split(".") else num_layers + 1
+
+
+def reinit_top_layers(model, n: int) -> int:
+    """Re-initialise the top `n` encoder layers and the pooler with the model's own `_init_weights`, from
+    the global RNG (seeded runs repeat); returns how many layers. transformers marks loaded tensors as
+    initialised and its init functions skip them, so the marks are cleared first."""
+    import torch
+
+    if n == 0:
+        return 0
+    _, layers = encoder_layers(model)
+    if n > len(layers):
+        raise TuneloopError(f"model.reinit_layers: the model has {len(layers)} encoder layers, cannot re-initialise {n}")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    pooler = getattr(getattr(base, base.base_model_prefix, base), "pooler", None)
+    targets = [*layers[len(layers) - n:], *([pooler] if isinstance(pooler, torch.nn.Module) else [])]
+    with torch.no_grad():
+        for top in targets:
+            for module in top.modules():
+                for tensor in module.parameters(recurse=False):
+                    tensor._is_hf_initialized = False
+                base._init_weights(module)
+    return n
+
+
+def freeze_word_embeddings(model) -> int:
+    """No gradient for the word-embedding matrix (so no dense vocab x hidden gradient nor AdamW state for it);
+    returns its number of elements."""
+    weight = model.get_input_embeddings().weight
+    weight.requires_grad_(False)
+    return weight.numel()
+
+
+def apply_layer_options(model, reinit_layers: int, embeddings: str) -> None:
+    """model.reinit_layers and optim.embeddings, on a freshly loaded model (before adapters wrap it)."""
+    reinit_top_layers(model, reinit_layers)
+    if embeddings == "freeze":
+        freeze_word_embeddings(model)
+
+
 # model.attn_implementation "lean" is registered with transformers under this name, with SDPA's mask format.
 LEAN_ATTENTION = "tuneloop_lean"
 

@@ -1,5 +1,5 @@
 """AdamW (torch, or 8-bit from bitsandbytes) with decoupled weight decay (none on biases and LayerNorm
-weights), per-group learning rates (classifier head, LoRA+ B matrices) and the LR schedule."""
+weights), per-group learning rates (classifier head, LoRA+ B matrices, layer-wise decay) and the LR schedule."""
 
 from __future__ import annotations
 
@@ -37,19 +37,31 @@ def head_parameter_ids(model: torch.nn.Module) -> set[int]:
     return {id(p) for name in head_module_names(base) for p in getattr(base, name).parameters()}
 
 
+def layer_decay_factors(model: torch.nn.Module, decay: float | None) -> dict[int, float]:
+    """id(parameter) -> decay^(L + 1 - depth) (tuneloop.model.layer_depth); empty when decay is off."""
+    if decay is None or decay == 1:
+        return {}
+    from tuneloop.model import encoder_layers, layer_depth
+
+    layers_name, layers = encoder_layers(model)
+    top = len(layers) + 1
+    return {id(p): decay ** (top - layer_depth(n, layers_name, len(layers))) for n, p in model.named_parameters()}
+
+
 def learning_rate_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
-    """`param_groups` split further by learning rate: the body, the head (head_learning_rate) and LoRA+ B
-    matrices (learning_rate x loraplus_lr_ratio). The body's decayed group stays first: it is the one logged."""
+    """`param_groups` split further by learning rate: the body, the head (head_learning_rate), LoRA+ B
+    matrices (learning_rate x loraplus_lr_ratio), each scaled by its layer's decay factor (layer_decay).
+    The body's decayed group at the full learning_rate stays first: it is the one logged."""
     head = head_parameter_ids(model) if cfg.head_learning_rate is not None else set()
     lora_b = ({id(p) for n, p in model.named_parameters() if ".lora_B." in n}
               if cfg.loraplus_lr_ratio is not None else set())
+    factors = layer_decay_factors(model, cfg.layer_decay)
 
     def lr_of(p):
         if id(p) in head:
             return cfg.head_learning_rate
-        if id(p) in lora_b:
-            return cfg.learning_rate * cfg.loraplus_lr_ratio
-        return cfg.learning_rate
+        base = cfg.learning_rate * cfg.loraplus_lr_ratio if id(p) in lora_b else cfg.learning_rate
+        return base * factors.get(id(p), 1.0)
 
     groups = []
     for base in param_groups(model, cfg.weight_decay):
@@ -102,11 +114,15 @@ def num_training_steps(batches_per_epoch: int, epochs: int, accumulation_steps: 
 
 
 def num_warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
-    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
-    if warmup >= total_steps:
-        raise ConfigError(f"optim.warmup_steps: warmup ({warmup} steps) is not shorter than training "
-                          f"({total_steps} optimizer steps)")
-    return warmup
+    """Warmup steps: `warmup_steps` as given (an error if it leaves no step after warmup), or `warmup_ratio`
+    of the run rounded up and capped below `total_steps`: a ratio is valid for every run length, so a tiny
+    dataset (1 optimizer step) trains with no warmup rather than failing."""
+    if cfg.warmup_steps > 0:
+        if cfg.warmup_steps >= total_steps:
+            raise ConfigError(f"optim.warmup_steps: warmup ({cfg.warmup_steps} steps) is not shorter than training "
+                              f"({total_steps} optimizer steps)")
+        return cfg.warmup_steps
+    return max(0, min(math.ceil(cfg.warmup_ratio * total_steps), total_steps - 1))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):

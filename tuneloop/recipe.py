@@ -29,8 +29,8 @@ from tuneloop.evaluate import evaluate
 from tuneloop.errors import ConfigError, DataError, TuneloopError
 from tuneloop.launch import accelerator_kwargs, check_processes, is_main_process
 from tuneloop.loop import Run, TrainingState, run_evaluation, train_loop
-from tuneloop.model import (build_model, build_tokenizer, capped_max_length, resolve_attention, resolve_model_path, saved_label_names,
-                            saved_multi_label,
+from tuneloop.model import (apply_layer_options, build_model, build_tokenizer, capped_max_length, resolve_attention,
+                            resolve_model_path, saved_label_names, saved_multi_label,
                             enable_gradient_checkpointing, use_fast_dropout)
 from tuneloop.optim import build_optimizer, build_scheduler, num_training_steps
 from tuneloop.problems import build_loss
@@ -207,6 +207,7 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     model = build_model(config.model.name_or_path, raw.label_names,
                         resolve_attention(config.model.attn_implementation, accelerator.device.type),
                         attention_dropout=config.model.attention_dropout, multi_label=raw.multi_label)
+    apply_layer_options(model, config.model.reinit_layers, config.optim.embeddings)
     remember_long_text(model.config, config.data)  # `tuneloop predict` reads long inputs the same way
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
