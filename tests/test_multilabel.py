@@ -275,3 +275,14 @@ def test_parquet_lists_and_sequence_of_class_label_are_multi_label(tmp_path):
     raw = load_raw(DataConfig(task=None, dataset=str(tmp_path / "ds"), label_column="tags"))
     assert raw.multi_label and raw.label_names == ["z", "y", "x"]
     assert raw.splits["train"]["label"].tolist() == [(0.0, 1.0, 1.0), (0.0, 0.0, 0.0), (0.0, 1.0, 0.0)]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--folds", "2"], "train.folds: k-fold cross-validation does not support multi-label tasks yet"),
+    (["--calibrate"], "eval.calibrate: temperature scaling calibrates a softmax over classes; this is a multi-label"),
+    (["--long-text", "chunk", "--stride", "4"], "data.long_text chunk: not supported for multi-label tasks yet"),
+])
+def test_not_yet_multi_label_is_one_line(tiny3, tmp_path, capsys, flags, message):
+    code = main(multi_args(tiny3, tmp_path, tmp_path / "run", "--label-column", "labels", *flags))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and err[0].startswith("tuneloop: error:") and message in err[0], err
