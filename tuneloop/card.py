@@ -63,7 +63,7 @@ def build_card(config, results: dict[str, Any], task_name: str | None, metrics: 
         lines += [f"| {m} | {results[m]:.4f} |" for m in metrics if isinstance(results.get(m), (int, float))]
         lines += ["", "One seed only: on small dev sets (MRPC: 408 examples) scores move by 1-2 points between seeds; "
                       "`tuneloop train --seeds 0,1,2` measures the spread."]
-    lines += per_class_lines(results)
+    lines += per_class_lines(results) + multi_label_lines(results, metrics)
     lines += ["", "## Hyperparameters", "", "| name | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in hyper.items()]
     lines += ["", "## Intended use and limits", "",
@@ -81,10 +81,23 @@ def per_class_lines(results: dict[str, Any]) -> list[str]:
     classes = [k[len("recall_"):] for k in results if k.startswith("recall_")]
     if not classes:
         return []
+    f1 = all(f"f1_{c}" in results for c in classes)  # multi-label runs report each label's F1 too
     lines = ["", f"Macro-F1: {results['f1_macro']:.4f}." if "f1_macro" in results else "", "",
-             "| class | precision | recall |", "|---|---|---|"]
+             "| class | precision | recall |" + (" F1 |" if f1 else ""), "|---|---|---|" + ("---|" if f1 else "")]
     return lines + [f"| {c} | {results.get(f'precision_{c}', float('nan')):.4f} | {results[f'recall_{c}']:.4f} |"
-                    for c in classes]
+                    + (f" {results[f'f1_{c}']:.4f} |" if f1 else "") for c in classes]
+
+
+def multi_label_lines(results: dict[str, Any], metrics) -> list[str]:
+    """A multi-label model's labels and where its scores are cut."""
+    if "subset_accuracy" not in metrics:
+        return []
+    labels = ", ".join(k[len("recall_"):] for k in results if k.startswith("recall_"))
+    cut = ("its threshold tuned on the validation split (`tuneloop_thresholds` in config.json; f1_micro "
+           f"{results['f1_micro_tuned']:.4f} there, {results['f1_micro_before']:.4f} at 0.5)"
+           if "f1_micro_tuned" in results else "0.5")
+    return ["", f"Multi-label: each label ({labels}) has its own sigmoid score (`pipeline(..., top_k=None)` returns "
+                f"them all); a label is predicted where its score reaches {cut}. The metrics above are at 0.5."]
 
 
 def write_model_card(model_dir: Path, config, results: dict[str, Any], task_name: str | None, metrics,

@@ -36,7 +36,12 @@ class DataConfig:
     validation_file: str | None = _f(None, "your validation file (same formats)")
     test_file: str | None = _f(None, "your test file (labels optional)")
     text_columns: list[str] | None = _f(None, "one column (single sentences) or two (pairs) holding the text")
-    label_column: str | None = _f(None, "column holding the label (strings, integers or floats for regression)")
+    label_column: str | None = _f(None, "column holding the label (strings, integers or floats for regression; "
+                                        "lists of labels for multi-label)")
+    label_separator: str | None = _f(None, "multi-label: split each label cell at this string (e.g. ',') into a list "
+                                           "of labels")
+    label_columns: list[str] | None = _f(None, "multi-label: several 0/1 columns, one per label, named for it "
+                                               "(instead of label_column)")
     drop_unlabeled: bool = _f(False, "leave out rows whose label cell is empty or NaN (counted in the start line) "
                                      "instead of stopping with their row numbers")
     max_length: int = _f(128, "truncate tokenised inputs to this many tokens")
@@ -138,6 +143,8 @@ class EvalConfig:
     calibrate: bool = _f(False, "after training, fit temperature scaling on the validation split and fold it into the "
                                 "classifier's last layer (every loader gets calibrated probabilities); ECE and Brier "
                                 "score before and after go to eval_results.json and calibration.json")
+    tune_thresholds: bool = _f(False, "multi-label: after training, pick each label's score threshold on the validation "
+                                      "split to maximise its F1 (default 0.5), stored in the model's config.json")
 
 
 @dataclass
@@ -493,6 +500,16 @@ def validate_data(d: DataConfig) -> None:
         raise ConfigError("data.dataset_config/train_split/validation_split/test_split: only apply with --dataset NAME")
     if d.text_columns is not None and not 1 <= len(d.text_columns) <= 2:
         raise ConfigError(f"data.text_columns: give one or two columns, got {d.text_columns}")
+    if d.label_columns is not None and (d.label_column or d.label_separator):
+        raise ConfigError("data.label_columns: several 0/1 label columns replace data.label_column and "
+                          "data.label_separator; give one of them")
+    if d.label_columns is not None and len(set(d.label_columns)) < 2:
+        raise ConfigError(f"data.label_columns: name two or more distinct 0/1 columns, got {d.label_columns}")
+    if d.label_separator is not None and not d.label_separator:
+        raise ConfigError("data.label_separator: give a non-empty string, e.g. ','")
+    if d.text_columns and set(d.text_columns) & set(d.label_columns or []):
+        raise ConfigError(f"data.label_columns: {sorted(set(d.text_columns) & set(d.label_columns))} are also text "
+                          f"columns (data.text_columns), so the model would read the answer")
     if d.text_columns and d.label_column in d.text_columns:
         raise ConfigError(f"data.label_column: '{d.label_column}' is also a text column (data.text_columns), so the "
                           f"model would read the answer; name another column")

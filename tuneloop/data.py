@@ -23,7 +23,8 @@ from tuneloop.config import DataConfig
 from tuneloop.cells import text_column
 from tuneloop.errors import DataError
 from tuneloop.hf_dataset import load_dataset_dict, load_hf_dataset
-from tuneloop.labels import describe_rows, encode_labels, infer_label_names, unlabeled_rows
+from tuneloop.labels import (describe_rows, encode_labels, encode_multi_labels, infer_label_names, is_multi_label,
+                             label_columns_as_lists, multi_label_names, split_label_cells, unlabeled_rows)
 from tuneloop.tasks import TASKS, Task, TsvLayout
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class RawData:
     task_name: str | None
     sources: dict[str, str] = field(default_factory=dict)  # split -> where it came from
     dropped: dict[str, int] = field(default_factory=dict)  # split -> rows dropped without a label (--drop-unlabeled)
+    multi_label: bool = False  # each label is a multi-hot tuple over label_names
 
     @property
     def is_regression(self) -> bool:
@@ -200,14 +202,19 @@ def load_user_files(cfg: DataConfig, task: Task | None) -> tuple[dict[str, pd.Da
         if missing:
             raise DataError(f"{split} file {path}: missing text column(s) {missing}; found {list(df.columns)}")
         label_column = cfg.label_column or ("label" if "label" in df.columns else None)
-        if label_column in cols:
+        if cfg.label_columns:
+            label_column = None
+        elif label_column in cols:
             raise DataError(f"{split} file {path}: column {label_column!r} is both a text column and the label "
                             f"column, so the model would read the answer; choose other --text-columns or --label-column")
         norm = pd.DataFrame({"text": text_column(df, cols[0], f"{split} file {path}")})
         if len(cols) == 2:
             norm["text_pair"] = text_column(df, cols[1], f"{split} file {path}")
-        if label_column and label_column in df.columns:
-            norm["label"] = df[label_column]
+        if cfg.label_columns and (split != "test" or any(c in df.columns for c in cfg.label_columns)):
+            norm["label"] = label_columns_as_lists(df, cfg.label_columns, f"{split} file {path}")
+        elif label_column and label_column in df.columns:
+            norm["label"] = (split_label_cells(df[label_column], cfg.label_separator) if cfg.label_separator
+                             else df[label_column])
         elif split != "test":
             raise DataError(f"{split} file {path}: missing label column {(label_column or 'label')!r}; "
                             f"found {list(df.columns)} (pass --label-column)")
@@ -229,6 +236,7 @@ def load_raw(cfg: DataConfig, label_names: list[str] | None = None, need_train: 
         splits, sources, class_names = load_hf_dataset(cfg, task, need_train)
     elif user_files:
         splits, sources = load_user_files(cfg, task)
+        class_names = list(cfg.label_columns) if cfg.label_columns else None  # in the order given
     elif cfg.data_dir:
         splits = load_glue_dir(task, cfg.data_dir)
         sources = {s: str(Path(cfg.data_dir) / task.tsv[s].file) for s in splits}
@@ -243,20 +251,14 @@ def load_raw(cfg: DataConfig, label_names: list[str] | None = None, need_train: 
         if len(df) == 0:
             raise DataError(f"{name} split is empty ({sources.get(name, name)})")
 
+    multi_label = multi_label_problem(splits)
     if label_names is None:
-        if task is not None:
-            label_names = None if task.is_regression else list(task.label_names)
-        elif class_names is not None:
-            label_names = class_names
-        elif "train" in splits:
-            label_names = infer_label_names(splits["train"]["label"])
-        else:
-            first = next((df for df in splits.values() if "label" in df.columns), None)
-            label_names = infer_label_names(first["label"]) if first is not None else []
+        label_names = find_label_names(splits, task, class_names, multi_label)
     if label_names is not None and len(label_names) < 2 and not (task and task.is_regression):
         if label_names:
             raise DataError(f"the training labels hold a single class {label_names}: nothing to learn")
-    splits = {name: encode_labels(df, label_names, name) for name, df in splits.items()}
+    encode_split = encode_multi_labels if multi_label else encode_labels
+    splits = {name: encode_split(df, label_names, name) if "label" in df.columns else df for name, df in splits.items()}
 
     if cfg.max_train_samples and "train" in splits:
         splits["train"] = splits["train"].iloc[: cfg.max_train_samples].reset_index(drop=True)
@@ -265,7 +267,9 @@ def load_raw(cfg: DataConfig, label_names: list[str] | None = None, need_train: 
             if name != "train":
                 splits[name] = splits[name].iloc[: cfg.max_eval_samples].reset_index(drop=True)
 
-    if task is not None:
+    if multi_label:
+        metrics, main = ("f1_micro", "f1_macro", "subset_accuracy"), "f1_micro"
+    elif task is not None:
         metrics, main = task.metrics, task.main_metric
     elif label_names is None:
         metrics, main = ("pearson", "spearman"), "pearson"
@@ -273,7 +277,31 @@ def load_raw(cfg: DataConfig, label_names: list[str] | None = None, need_train: 
         metrics, main = ("accuracy", "f1"), "accuracy"
     else:
         metrics, main = ("accuracy", "f1_macro"), "accuracy"
-    return RawData(splits, label_names, metrics, main, task.name if task else None, sources, dropped)
+    return RawData(splits, label_names, metrics, main, task.name if task else None, sources, dropped, multi_label)
+
+
+def find_label_names(splits: dict[str, pd.DataFrame], task: Task | None, class_names: list[str] | None,
+                     multi_label: bool) -> list[str] | None:
+    """The label set: the task's, the dataset's ClassLabel names, or inferred from the training labels."""
+    first = splits["train"] if "train" in splits else next((df for df in splits.values() if "label" in df.columns), None)
+    if multi_label:  # a dataset's Sequence(ClassLabel) names, else every label seen in training
+        return class_names or multi_label_names(first["label"])
+    if task is not None:
+        return None if task.is_regression else list(task.label_names)
+    if class_names is not None:
+        return class_names
+    return infer_label_names(first["label"]) if first is not None else []
+
+
+def multi_label_problem(splits: dict[str, pd.DataFrame]) -> bool:
+    """True when the label cells are lists (multi-label); every labelled split must agree."""
+    kinds = {name: is_multi_label(df["label"], name) for name, df in splits.items() if "label" in df.columns}
+    if len(set(kinds.values())) > 1:
+        lists = [n for n, k in kinds.items() if k]
+        single = [n for n, k in kinds.items() if not k]
+        raise DataError(f"split(s) {lists} hold lists of labels (multi-label) but {single} hold single labels; "
+                        f"give every split the same kind of label")
+    return any(kinds.values())
 
 
 def handle_unlabeled(splits: dict[str, pd.DataFrame], sources: dict[str, str], cfg: DataConfig
@@ -376,7 +404,7 @@ def tokenize_splits(raw: RawData, tokenizer, cfg: DataConfig) -> dict[str, Any]:
         columns = {k: v for k, v in enc.items()}
         columns["length"] = [len(ids) for ids in enc["input_ids"]]
         if "label" in df.columns:
-            labels = df["label"].tolist()
+            labels = [list(v) if isinstance(v, tuple) else v for v in df["label"].tolist()]  # multi-hot: a list
             columns["labels"] = labels if docs is None else [labels[d] for d in docs]  # each window: its document's
         if docs is not None:
             columns["doc"] = docs

@@ -19,6 +19,10 @@ def compute_metrics(names: tuple[str, ...] | list[str], predictions: np.ndarray,
             out[name] = float(accuracy_score(labels, predictions))
         elif name == "f1":
             out[name] = float(f1_score(labels, predictions, average="binary", zero_division=0.0))
+        elif name == "f1_micro":
+            out[name] = float(f1_score(labels, predictions, average="micro", zero_division=0.0))
+        elif name == "subset_accuracy":  # multi-label: every label of the example right
+            out[name] = float(accuracy_score(labels, predictions))
         elif name == "f1_macro":
             out[name] = float(f1_score(labels, predictions, average="macro", zero_division=0.0))
         elif name == "matthews_correlation":
@@ -36,13 +40,23 @@ def compute_metrics(names: tuple[str, ...] | list[str], predictions: np.ndarray,
 
 
 @torch.no_grad()
-def predict_batches(model, dataloader, accelerator, is_regression: bool):
-    """Yield (predictions, probabilities-or-values, labels-or-None, summed loss, count) per gathered batch."""
+def predict_batches(model, dataloader, accelerator, is_regression: bool, thresholds: list[float] | None = None):
+    """Yield (predictions, probabilities-or-values, labels-or-None, per-example loss) per gathered batch.
+
+    Multi-label: multi-hot predictions (at `thresholds`, else the model's stored ones) and every label's score."""
+    from tuneloop.problems import is_multi_label, multi_label_predictions, saved_thresholds
+
+    multi_label = is_multi_label(accelerator.unwrap_model(model))
+    if multi_label and thresholds is None:  # tuned ones stored with the model, else 0.5
+        thresholds = saved_thresholds(accelerator.unwrap_model(model).config)
     model.eval()
     for batch in dataloader:
         outputs = model(**batch)
         logits = outputs.logits.float()
-        if is_regression:
+        if multi_label:
+            scores = logits.sigmoid()
+            preds = multi_label_predictions(scores, thresholds)
+        elif is_regression:
             preds = scores = logits.squeeze(-1)
         else:
             probs = logits.softmax(-1)
@@ -50,7 +64,10 @@ def predict_batches(model, dataloader, accelerator, is_regression: bool):
         labels = batch.get("labels")
         loss_sum = None
         if labels is not None:
-            per_example = (torch.nn.functional.mse_loss(logits.squeeze(-1), labels.float(), reduction="none")
+            per_example = (torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float(),
+                                                                                reduction="none").mean(-1)
+                           if multi_label else
+                           torch.nn.functional.mse_loss(logits.squeeze(-1), labels.float(), reduction="none")
                            if is_regression else
                            torch.nn.functional.cross_entropy(logits, labels, reduction="none"))
             loss_sum, labels = accelerator.gather_for_metrics((per_example, labels))

@@ -160,7 +160,9 @@ def train_folds(config, k: int) -> dict[str, Any]:
         raise TuneloopError(f"output folder {out} already holds a k-fold run ({SUMMARY}); "
                             f"pass --overwrite or choose another --output-dir")
     raw = load_raw(config.data)
-    labels = None if raw.is_regression else raw.splits["train"]["label"].to_numpy()
+    if raw.multi_label:
+        raise ConfigError("train.folds: k-fold cross-validation does not support multi-label tasks yet")
+    labels = None if raw.is_regression or raw.multi_label else raw.splits["train"]["label"].to_numpy()
     folds = assign_folds(labels, len(raw.splits["train"]), k, config.train.seed)
     for i, (train_path, val_path) in enumerate(fold_files(raw, folds, out)):
         cfg = fold_config(config, i, train_path, val_path, raw.is_pair)

@@ -16,6 +16,7 @@ import pandas as pd
 from tuneloop.config import DataConfig
 from tuneloop.cells import text_column
 from tuneloop.errors import DataError
+from tuneloop.labels import is_list_cell
 from tuneloop.tasks import Task
 
 # Split names datasets use for evaluation, and column names for text, tried in order when not given.
@@ -116,13 +117,17 @@ def load_hf_dataset(cfg: DataConfig, task: Task | None, need_train: bool = True
         df = pd.DataFrame({"text": text_column(frame, text_columns[0], f"dataset {where!r}")})
         if len(text_columns) == 2:
             df["text_pair"] = text_column(frame, text_columns[1], f"dataset {where!r}")
-        labelled = label_column in frame and not (frame[label_column] == -1).all()  # the Hub marks unlabeled -1
+        labelled = label_column in frame and not frame[label_column].map(  # the Hub marks unlabeled -1
+            lambda v: not is_list_cell(v) and v == -1).all()
         if labelled:
             feature: Any = split.features[label_column]
             labels = frame[label_column]
             if isinstance(feature, ClassLabel) and task is None:
                 class_names = list(feature.names)
                 labels = labels.map(lambda i: feature.names[i] if 0 <= i < len(feature.names) else i)
+            elif isinstance(getattr(feature, "feature", None), ClassLabel) and task is None:  # Sequence(ClassLabel)
+                class_names = list(feature.feature.names)  # multi-label: each row a list of class ids
+                labels = labels.map(lambda ids: [class_names[int(i)] for i in ids])
             df["label"] = labels
         elif ours != "test":
             what = "only unlabeled rows (-1) in" if label_column in frame else "no"

@@ -53,9 +53,51 @@ def number(key: str) -> float | None:
     return value
 
 
+def is_list_cell(value: Any) -> bool:
+    """A multi-label cell: a JSON list, a Parquet list, a `datasets` Sequence (numpy array) or a tuple."""
+    return isinstance(value, (list, tuple, np.ndarray))
+
+
 def unlabeled_rows(labels: pd.Series) -> list[int]:
-    """Positions (0-based) of the cells that hold no label."""
-    return [i for i, k in enumerate(keys(labels)) if k is None]
+    """Positions (0-based) of the cells that hold no label (a list, even empty, holds a label set)."""
+    return [i for i, v in enumerate(labels.tolist()) if not is_list_cell(v) and label_key(v) is None]
+
+
+def is_multi_label(labels: pd.Series, split: str) -> bool:
+    """True when the column's cells are lists of labels; lists mixed with single values are an error."""
+    cells = labels.tolist()
+    lists = [is_list_cell(v) for v in cells]
+    if not any(lists):
+        return False
+    scalars = [i for i, is_list in enumerate(lists) if not is_list]
+    if scalars:
+        raise DataError(f"{split}: the label column mixes lists (multi-label) with single labels ({describe_rows(scalars)}, "
+                        f"counting data rows from 1, e.g. {cells[scalars[0]]!r}); give every row a list, [] for none")
+    return True
+
+
+def multi_label_names(train_labels: pd.Series) -> list[str]:
+    """The label set of a multi-label column: every label in any row's list, sorted as single labels are."""
+    flat = pd.Series([v for cell in train_labels.tolist() for v in list(cell)], dtype=object)
+    names = infer_label_names(flat)
+    if names is None:
+        raise DataError("train: a multi-label column holds label names or integers, not fractional numbers")
+    return names
+
+
+def encode_multi_labels(df: pd.DataFrame, label_names: list[str], split: str) -> pd.DataFrame:
+    """Each row's list of labels as a multi-hot tuple of floats (hashable, so splits keep their fingerprint)."""
+    index = {name: i for i, name in enumerate(label_names)}
+    names_are_numbers = all(number(n) is not None for n in label_names)
+    rows = []
+    for cell in df["label"].tolist():
+        hot = [0.0] * len(label_names)
+        for value in list(cell):
+            key = label_key(value)
+            if key is not None:
+                hot[label_id(key, index, names_are_numbers, split, label_names)] = 1.0
+        rows.append(tuple(hot))
+    return df.assign(label=pd.Series(rows, index=df.index, dtype=object))
 
 
 def describe_rows(rows: list[int]) -> str:
@@ -114,3 +156,40 @@ def label_id(key: str | None, index: dict[str, int], names_are_numbers: bool, sp
     if key is not None and key.lower() in index and key.lower() in ("true", "false"):
         return index[key.lower()]
     raise DataError(f"{split}: label {key!r} is not in the label set {label_names}")
+
+
+def split_label_cells(labels: pd.Series, separator: str) -> pd.Series:
+    """A string label column as lists: each cell split at `separator`, blanks dropped (an empty cell: no label
+    on); a missing cell stays missing."""
+    out = []
+    for v in labels.tolist():
+        if is_list_cell(v) or v is None or (isinstance(v, float) and math.isnan(v)):
+            out.append(v)
+        else:
+            out.append([part.strip() for part in str(v).split(separator) if part.strip()])
+    return pd.Series(out, index=labels.index, dtype=object)
+
+
+def label_columns_as_lists(df: pd.DataFrame, columns: list[str], where: str) -> pd.Series:
+    """Several 0/1 columns as one list column: each row lists the columns that hold 1 (or true)."""
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise DataError(f"{where}: missing label column(s) {missing} (data.label_columns); found {list(df.columns)}")
+    on = {"1": True, "true": True, "0": False, "false": False}
+    rows = []
+    for i, cells in enumerate(zip(*(df[c].tolist() for c in columns))):
+        flags = [on.get((label_key(v) or "").lower()) for v in cells]
+        bad = next((c for c, v, f in zip(columns, cells, flags) if f is None), None)
+        if bad is not None:
+            raise DataError(f"{where}: label column {bad!r} holds {cells[columns.index(bad)]!r} in row {i + 1}; "
+                            f"each of data.label_columns holds 0 or 1 (or true/false)")
+        rows.append([c for c, f in zip(columns, flags) if f])
+    return pd.Series(rows, index=df.index, dtype=object)
+
+
+def label_counts(labels: pd.Series, num_labels: int) -> list[int]:
+    """Examples that carry each label id: one per row for single labels, every label on for multi-hot rows."""
+    cells = labels.tolist()
+    if cells and isinstance(cells[0], tuple):
+        return [int(v) for v in np.asarray(cells, dtype=np.float64).sum(0)]
+    return [int(v) for v in np.bincount(np.asarray(cells, dtype=np.int64), minlength=num_labels)]

@@ -278,8 +278,9 @@ def use_sync_free_sdpa(model) -> bool:
 
 
 def build_model(name_or_path: str | None, label_names: list[str] | None, attn_implementation: str | None = "sdpa",
-                attention_dropout: float | None = None):
-    """A sequence classifier with `num_labels`, label names and problem type set, ready for `pipeline`."""
+                attention_dropout: float | None = None, multi_label: bool = False):
+    """A sequence classifier with `num_labels`, label names and problem type set, ready for `pipeline`
+    (`multi_label`: independent sigmoid scores and BCE loss)."""
     from transformers import AutoModelForSequenceClassification
 
     name = resolve_model_path(name_or_path)
@@ -289,7 +290,8 @@ def build_model(name_or_path: str | None, label_names: list[str] | None, attn_im
     if label_names is None:
         kwargs = dict(num_labels=1, problem_type="regression", id2label={0: "score"}, label2id={"score": 0})
     else:
-        kwargs = dict(num_labels=len(label_names), problem_type="single_label_classification",
+        kwargs = dict(num_labels=len(label_names),
+                      problem_type="multi_label_classification" if multi_label else "single_label_classification",
                       id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
     if attention_dropout is not None:
         kwargs.update(attention_dropout_override(name, attention_dropout))
@@ -315,3 +317,10 @@ def saved_label_names(model_dir: str) -> list[str] | None:
     if config.problem_type == "regression" or config.num_labels == 1:
         return None
     return [config.id2label[i] for i in range(config.num_labels)]
+
+
+def saved_multi_label(model_dir: str) -> bool:
+    """Whether a saved model is a multi-label classifier."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_model_path(model_dir)).problem_type == "multi_label_classification"

@@ -96,10 +96,24 @@ def predict_with(model, tokenizer, df: pd.DataFrame, batch_size: int = 32, max_l
     return predict_texts(model, tokenizer, texts, pairs, batch_size, max_length)
 
 
-def label_scores(logits: torch.Tensor, id2label: dict, regression: bool, all_scores: bool = False) -> list[dict]:
-    """One {label, score} per row, as `pipeline("text-classification")`; `all_scores`: also every label's score."""
+def multi_label_scores(logits: torch.Tensor, id2label: dict, thresholds: list[float] | None) -> list[dict]:
+    """Multi-label rows: the labels whose sigmoid score reaches their threshold, and every label's score."""
+    from tuneloop.problems import multi_label_predictions
+
+    probs = logits.sigmoid()
+    on = multi_label_predictions(probs, thresholds)
+    return [{"labels": [id2label[i] for i, v in enumerate(hot) if v], "scores": {id2label[i]: s for i, s in enumerate(p)}}
+            for hot, p in zip(on.tolist(), probs.tolist())]
+
+
+def label_scores(logits: torch.Tensor, id2label: dict, regression: bool, all_scores: bool = False,
+                 multi_label: bool = False, thresholds: list[float] | None = None) -> list[dict]:
+    """One {label, score} per row, as `pipeline("text-classification")`; `all_scores`: also every label's score.
+    Multi-label: {labels, scores} (every label's sigmoid score; a label is on from its threshold)."""
     if regression:
         return [{"label": id2label[0], "score": v} for v in logits[:, 0].tolist()]
+    if multi_label:
+        return multi_label_scores(logits, id2label, thresholds)
     probs = logits.softmax(-1)
     scores, ids = probs.max(-1)
     out = [{"label": id2label[i], "score": s} for i, s in zip(ids.tolist(), scores.tolist())]
@@ -118,6 +132,7 @@ def predict_texts(model, tokenizer, texts: list[str], pairs: list[str] | None = 
     import numpy as np
 
     from tuneloop.chunking import aggregate, encode
+    from tuneloop.problems import is_multi_label, saved_thresholds
 
     id2label = model.config.id2label
     regression = model.config.problem_type == "regression"
@@ -140,7 +155,9 @@ def predict_texts(model, tokenizer, texts: list[str], pairs: list[str] | None = 
     if docs is not None:
         how = long_text.get("chunk_aggregation", "mean")
         logits = torch.from_numpy(aggregate(logits.numpy(), np.asarray(docs), how)[1])
-    return label_scores(logits, id2label, regression, all_scores)
+    multi_label = is_multi_label(model)
+    return label_scores(logits, id2label, regression, all_scores, multi_label,
+                        saved_thresholds(model.config) if multi_label else None)
 
 
 def write_predictions(rows: Iterator[dict], out: TextIO) -> int:

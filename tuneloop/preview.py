@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from tuneloop.batching import plan_epoch
+from tuneloop.labels import label_counts
 
 
 def padding_share(lengths: list[int], batch_size: int, seed: int, group_by_length: bool,
@@ -22,7 +23,8 @@ def padding_share(lengths: list[int], batch_size: int, seed: int, group_by_lengt
 
 def summarize(raw, tokenized, tokenizer, collator, config) -> str:
     lines = [f"task: {raw.task_name or 'custom'} | {'pairs' if raw.is_pair else 'single sentences'} | "
-             f"{'regression' if raw.is_regression else f'{raw.num_labels} labels {raw.label_names}'} | "
+             f"{'regression' if raw.is_regression else f'{raw.num_labels} labels {raw.label_names}'}"
+             f"{' (multi-label)' if raw.multi_label else ''} | "
              f"metrics: {', '.join(raw.metrics)}"]
     lines.append("splits:")
     for name, df in raw.splits.items():
@@ -30,8 +32,8 @@ def summarize(raw, tokenized, tokenizer, collator, config) -> str:
         dropped = f", {raw.dropped[name]} unlabeled rows dropped" if raw.dropped.get(name) else ""
         line = f"  {name:<22} {len(df):>7} examples  ({source}{dropped})"
         if "label" in df.columns and not raw.is_regression:
-            counts = df["label"].value_counts().sort_index()
-            balance = ", ".join(f"{raw.label_names[int(i)]}: {c} ({c / len(df):.1%})" for i, c in counts.items())
+            counts = label_counts(df["label"], raw.num_labels)  # multi-label: the examples carrying each label
+            balance = ", ".join(f"{raw.label_names[i]}: {c} ({c / len(df):.1%})" for i, c in enumerate(counts) if c)
             line += f"\n  {'':<22} labels: {balance}"
         elif "label" in df.columns:
             line += f"\n  {'':<22} label mean {df['label'].mean():.3f}, std {df['label'].std():.3f}, " \
@@ -45,7 +47,11 @@ def summarize(raw, tokenized, tokenizer, collator, config) -> str:
     lines.append(f"first {split} example, decoded: {tokenizer.decode(example['input_ids'])}")
     if "labels" in example:
         label = example["labels"]
-        lines.append(f"  label: {label if raw.is_regression else f'{label} ({raw.label_names[int(label)]})'}")
+        if raw.is_regression:
+            lines.append(f"  label: {label}")
+        else:
+            named = [n for n, v in zip(raw.label_names, label) if v] if raw.multi_label else raw.label_names[int(label)]
+            lines.append(f"  label: {label} ({named})")
     batch = collator([ds[i] for i in range(min(config.train.batch_size, len(ds)))])
     lines.append("one batch: " + ", ".join(f"{k} {tuple(v.shape)} {str(v.dtype).replace('torch.', '')}"
                                            for k, v in batch.items()))

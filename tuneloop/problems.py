@@ -1,6 +1,10 @@
 """What kind of problem a run solves, and what follows from it: the training loss (optionally class-weighted)
 and the metrics every classification run reports besides its task's (macro-F1, per-class precision/recall).
 
+Multi-label runs (a list of labels per example) score each label with its own sigmoid, learn with BCE
+(`pos_weight` for class weights), predict a label where its score reaches a threshold and report f1_micro,
+f1_macro, subset accuracy and each label's F1.
+
 Accuracy hides a neglected minority class: a model that never predicts MRPC's rarer class still scores
 its majority share. Macro-F1 and each class's recall show it, so every classification run reports them.
 """
@@ -30,6 +34,56 @@ def parse_class_weights(setting: str) -> str | list[float] | None:
     if any(not np.isfinite(w) or w <= 0 for w in weights):
         raise ConfigError(f"train.class_weights: every weight must be a positive number, got {setting!r}")
     return weights
+
+
+MULTI_LABEL = "multi_label_classification"
+DEFAULT_THRESHOLD = 0.5
+
+
+def is_multi_label(model) -> bool:
+    """Whether `model` (plain, PEFT- or DDP-wrapped) scores each label on its own (sigmoid) rather than one class."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    return getattr(config, "problem_type", None) == MULTI_LABEL
+
+
+def multi_label_predictions(probs: torch.Tensor, thresholds: list[float] | None = None) -> torch.Tensor:
+    """Multi-hot predictions: a label is on where its sigmoid score reaches its threshold (0.5 unless tuned).
+
+    Compared in float64, as a JSON reader compares the stored scores with the stored thresholds."""
+    limit = torch.tensor([DEFAULT_THRESHOLD] * probs.shape[-1] if thresholds is None else thresholds,
+                         dtype=torch.float64, device=probs.device)
+    return (probs.double() >= limit).long()
+
+
+def pos_weights(setting: str, train_labels, label_names: list[str]) -> list[float] | None:
+    """Multi-label `pos_weight` per label: given, or n_negative / n_positive in the training split ('balanced'),
+    so that a rare label's few positives weigh as much as its many negatives."""
+    parsed = parse_class_weights(setting)
+    if parsed is None or isinstance(parsed, list):
+        if isinstance(parsed, list) and len(parsed) != len(label_names):
+            raise ConfigError(f"train.class_weights: {len(parsed)} weight(s) given for {len(label_names)} labels "
+                              f"{label_names}")
+        return parsed
+    hot = np.asarray([list(row) for row in train_labels], dtype=np.float64)
+    positives = hot.sum(0)
+    missing = [label_names[i] for i in range(len(label_names)) if positives[i] in (0, len(hot))]
+    if missing:
+        raise DataError(f"train.class_weights balanced: label(s) {missing} are on in no training example or in all; "
+                        f"give the weights (--class-weights w1,w2,...)")
+    return [float(w) for w in (len(hot) - positives) / positives]
+
+
+def pos_weighted_loss(weights: list[float], device) -> LossFn:
+    """The model's loss with its BCE swapped for the pos_weight one (mean over examples and labels, as the model's)."""
+    w = torch.tensor(weights, dtype=torch.float32, device=device)
+
+    def loss(model, batch: dict) -> torch.Tensor:
+        outputs = model(**batch)
+        logits, labels = outputs.logits.float(), batch["labels"].float()
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        return outputs.loss - bce(logits, labels) + bce(logits, labels, pos_weight=w)
+
+    return loss
 
 
 def class_weights(setting: str, train_labels, label_names: list[str] | None) -> list[float] | None:
@@ -82,8 +136,12 @@ def weighted_loss(weights: list[float], device) -> LossFn:
     return loss
 
 
-def build_loss(setting: str, train_labels, label_names: list[str] | None, device) -> tuple[LossFn, list[float] | None]:
-    """The loss the loop minimises, and the class weights it uses (None: unweighted)."""
+def build_loss(setting: str, train_labels, label_names: list[str] | None, device,
+               multi_label: bool = False) -> tuple[LossFn, list[float] | None]:
+    """The loss the loop minimises, and the class weights it uses (None: unweighted; multi-label: pos_weight)."""
+    if multi_label:
+        weights = pos_weights(setting, train_labels, label_names)
+        return (model_loss if weights is None else pos_weighted_loss(weights, device)), weights
     weights = class_weights(setting, train_labels, label_names)
     return (model_loss if weights is None else weighted_loss(weights, device)), weights
 
@@ -97,4 +155,12 @@ def per_class_metrics(predictions: np.ndarray, labels: np.ndarray, label_names: 
     out = {"f1_macro": float(f1_score(labels, predictions, average="macro", zero_division=0.0))}
     out.update({f"precision_{name}": float(p) for name, p in zip(label_names, precision)})
     out.update({f"recall_{name}": float(r) for name, r in zip(label_names, recall)})
+    if predictions.ndim == 2:  # multi-label: each label's own F1 too
+        out.update({f"f1_{name}": float(f) for name, f in zip(label_names, f1_score(labels, predictions, average=None,
+                                                                                  zero_division=0.0))})
     return out
+
+
+def saved_thresholds(model_config) -> list[float] | None:
+    """A multi-label model's tuned per-label thresholds (config.json's `tuneloop_thresholds`); None: 0.5 each."""
+    return getattr(model_config, "tuneloop_thresholds", None)

@@ -30,13 +30,14 @@ from tuneloop.errors import ConfigError, DataError, TuneloopError
 from tuneloop.launch import accelerator_kwargs, check_processes, is_main_process
 from tuneloop.loop import Run, TrainingState, run_evaluation, train_loop
 from tuneloop.model import (apply_layer_options, build_model, build_tokenizer, capped_max_length, resolve_attention,
-                            resolve_model_path, saved_label_names,
+                            resolve_model_path, saved_label_names, saved_multi_label,
                             enable_gradient_checkpointing, use_fast_dropout)
 from tuneloop.optim import build_optimizer, build_scheduler, num_training_steps
 from tuneloop.problems import build_loss
 from tuneloop.precision import accelerate_precision, apply_tf32, check_device_precision, reconcile_mixed_precision
 from tuneloop.signals import StopRequest
 from tuneloop.calibration import calibrate, summary as calibration_summary
+from tuneloop.thresholds import summary as thresholds_summary, tune_thresholds
 from tuneloop.chunking import remember_long_text
 from tuneloop.card import push_to_hub, write_model_card
 from tuneloop.early_stopping import load_best_weights
@@ -167,6 +168,16 @@ def check_calibration(config: Config, raw: RawData) -> None:
     if config.eval.calibrate and raw.is_regression:
         raise ConfigError("eval.calibrate: temperature scaling calibrates class probabilities; this is a regression "
                           "task (drop --calibrate)")
+    if config.eval.calibrate and raw.multi_label:
+        raise ConfigError("eval.calibrate: temperature scaling calibrates a softmax over classes; this is a multi-label "
+                          "task (drop --calibrate)")
+    if raw.multi_label and config.data.long_text == "chunk":
+        raise ConfigError("data.long_text chunk: not supported for multi-label tasks yet (use truncate or head-tail)")
+    if config.eval.tune_thresholds and not raw.multi_label:
+        raise ConfigError("eval.tune_thresholds: per-label thresholds are for multi-label tasks (lists of labels); "
+                          "drop --tune-thresholds")
+    if config.eval.tune_thresholds and not raw.eval_splits:
+        raise ConfigError("eval.tune_thresholds: needs a validation split to tune on (--validation-file)")
     if config.eval.calibrate and not raw.eval_splits:
         raise ConfigError("eval.calibrate: needs a validation split to fit the temperature on (--validation-file)")
 
@@ -195,7 +206,7 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     # The classifier head is initialised from the seed set above, so runs are reproducible.
     model = build_model(config.model.name_or_path, raw.label_names,
                         resolve_attention(config.model.attn_implementation, accelerator.device.type),
-                        attention_dropout=config.model.attention_dropout)
+                        attention_dropout=config.model.attention_dropout, multi_label=raw.multi_label)
     apply_layer_options(model, config.model.reinit_layers, config.optim.embeddings)
     remember_long_text(model.config, config.data)  # `tuneloop predict` reads long inputs the same way
     if config.train.gradient_checkpointing:
@@ -204,7 +215,7 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     train_windows = tokenized["train"].remove_columns([c for c in ["doc"] if c in tokenized["train"].column_names])
     sampler, train_dl = train_dataloader(config, train_windows, collator, accelerator)
     loss, class_weights = build_loss(config.train.class_weights, raw.splits["train"]["label"], raw.label_names,
-                                     accelerator.device)
+                                     accelerator.device, raw.multi_label)
     eval_dls = {s: eval_dataloader(tokenized[s], collator, config.eval.eval_batch_size) for s in raw.eval_splits}
 
     total_steps = num_training_steps(len(sampler), config.train.epochs, config.train.gradient_accumulation_steps)
@@ -336,15 +347,20 @@ def _train(config: Config, hooks: list | None) -> dict[str, float]:
     calibration = calibrate(run) if config.eval.calibrate else None  # every process folds the same T
     if calibration is not None:
         results = {**results, **calibration_summary(calibration)}
-    write_outputs(run, out, {**results, "step": state.step, "epoch": state.epoch, **best}, seconds, calibration)
+    thresholds = tune_thresholds(run) if config.eval.tune_thresholds else None  # stored in the model's config
+    if thresholds is not None:
+        results = {**results, **thresholds_summary(thresholds)}
+    write_outputs(run, out, {**results, "step": state.step, "epoch": state.epoch, **best}, seconds,
+                  {"calibration.json": calibration, "thresholds.json": thresholds})
     end_training(run)
     if accelerator.is_main_process and config.output.push_to_hub:
         push_to_hub(out / "model", config.output.push_to_hub)
     return results
 
 
-def write_outputs(run: Run, out: Path, final: dict[str, Any], seconds: float, calibration: dict | None) -> None:
-    """The finished run's files: model, eval_results, curves, predictions, summary, card (and calibration)."""
+def write_outputs(run: Run, out: Path, final: dict[str, Any], seconds: float, records: dict[str, dict | None]) -> None:
+    """The finished run's files: model, eval_results, curves, predictions, summary, card (and the records of
+    calibration and threshold tuning, where they ran)."""
     if run.eval_dataloaders:
         predictions = dev_predictions(run)  # every process takes part in the gathers
     if not run.accelerator.is_main_process:
@@ -353,8 +369,9 @@ def write_outputs(run: Run, out: Path, final: dict[str, Any], seconds: float, ca
     plot_learning_curves(run.log.records(), out / "learning_curves.png", run.main_metric)
     if run.eval_dataloaders:
         write_predictions(predictions, out / "predictions.jsonl")
-    if calibration is not None:
-        write_json(out / "calibration.json", calibration)
+    for name, record in records.items():
+        if record is not None:
+            write_json(out / name, record)
     write_json(out / "run_summary.json", run_summary(run, seconds))
     write_model_card(out / "model", run.config, final, run.raw.task_name, run.raw.metrics)
     # Last: its presence says every other file of the run is complete (each is written whole or not at all).
@@ -383,7 +400,8 @@ def evaluate_model(config: Config) -> dict[str, dict[str, float]]:
     splits = [s for s in raw.eval_splits if "labels" in tokenized[s].column_names]
     if not splits:
         raise DataError("no labelled validation split to evaluate (give --validation-file or a --data-dir with dev files)")
-    model = load_adapter_model(model_dir, label_names) if is_adapter_dir(model_dir) else build_model(model_dir, label_names)
+    model = (load_adapter_model(model_dir, label_names) if is_adapter_dir(model_dir)
+             else build_model(model_dir, label_names, multi_label=saved_multi_label(model_dir)))
     collator = Collator(tokenizer, config.data)
     dls = [eval_dataloader(tokenized[s], collator, config.eval.eval_batch_size) for s in splits]
     model, *dls = accelerator.prepare(model, *dls)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from tuneloop.errors import TuneloopError
+from tuneloop.labels import label_counts
 
 NUM_MISTAKES = 20
 
@@ -61,6 +62,8 @@ def write_predictions(predictions: dict[str, Any], path: Path) -> None:
         if names is None:
             rows.append({"index": index, "label": round(label, 4), "prediction": round(pred, 4),
                          "error": round(abs(pred - label), 4)})
+        elif isinstance(label, list):
+            rows.append(multi_label_row(index, pred, score, label, names))
         else:
             rows.append({"index": index, "label": names[int(label)], "prediction": names[int(pred)],
                          "confidence": round(score, 4)})
@@ -73,6 +76,14 @@ def write_predictions(predictions: dict[str, Any], path: Path) -> None:
     from tuneloop import atomic
 
     atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in [{"split": predictions["split"]}, *rows]))
+
+
+def multi_label_row(index: int, pred: list, scores: list, label: list, names: list[str]) -> dict[str, Any]:
+    """A multi-label example: its true and predicted label lists, every label's score, and as confidence the
+    probability of the predicted set under independent sigmoids."""
+    confidence = math.prod(s if p else 1 - s for p, s in zip(pred, scores))
+    return {"index": index, "label": [n for n, y in zip(names, label) if y], "prediction": [n for n, p in zip(names, pred) if p],
+            "scores": dict(zip(names, scores)), "confidence": round(confidence, 4)}  # unrounded: they recompute the cut
 
 
 def run_summary(run, train_seconds: float) -> dict[str, Any]:
@@ -91,8 +102,7 @@ def run_summary(run, train_seconds: float) -> dict[str, Any]:
             entry["tokens"] = {"mean": round(float(arr.mean()), 1), "p50": int(np.percentile(arr, 50)),
                                "p90": int(np.percentile(arr, 90)), "max": int(arr.max())}
         if "label" in frame.columns and raw.label_names is not None:
-            counts = frame["label"].value_counts()
-            entry["labels"] = {raw.label_names[int(i)]: int(counts.get(i, 0)) for i in range(len(raw.label_names))}
+            entry["labels"] = dict(zip(raw.label_names, label_counts(frame["label"], len(raw.label_names))))
         elif "label" in frame.columns:
             entry["labels"] = {"mean": float(frame["label"].mean()), "std": float(frame["label"].std())}
         data[split] = entry
@@ -223,7 +233,9 @@ def run_section(run_dir: Path) -> dict[str, Any]:
     confusion = scatter = None
     matrix: list[list[int]] = []
     mistakes = [r for r in rows if "text" in r]
-    if rows and names:
+    if rows and names and isinstance(rows[0]["label"], list):  # multi-label: no confusion matrix of sets
+        mistakes.sort(key=lambda r: -r["confidence"])
+    elif rows and names:
         confusion, matrix = _confusion_png(rows, names)
         mistakes.sort(key=lambda r: -r["confidence"])
     elif rows:
