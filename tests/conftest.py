@@ -124,8 +124,10 @@ FUZZ_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 try:
     from hypothesis import settings as _hypothesis_settings
 
+    # `ci` draws the same examples every run, so a landing never hangs on a new draw; `thorough` (and `quick`)
+    # draw new ones each time, to go looking for what the fixed set misses.
     for _name in FUZZ_SCALE:
-        _hypothesis_settings.register_profile(_name, deadline=None, print_blob=True)
+        _hypothesis_settings.register_profile(_name, deadline=None, print_blob=True, derandomize=_name == "ci")
     _hypothesis_settings.load_profile(FUZZ_PROFILE if FUZZ_PROFILE in FUZZ_SCALE else "ci")
 except ImportError:  # only test_fuzz.py needs it
     pass

@@ -303,3 +303,13 @@ def test_fuzz_predict_inputs(data, stdin, tiny_classifier, monkeypatch):
     if rows is None:
         return
     assert len(rows) == len(df) and all(r["label"] in model.config.id2label.values() for r in rows)
+
+
+def test_a_config_section_named_with_a_line_break_is_one_line():
+    """Found by test_fuzz_yaml_configs: {'\\n': None} gave "unknown config section '\\n'" across two lines."""
+    from tuneloop.config import config_from_dict
+    from tuneloop.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"\n": None})
+    assert str(e.value) == "unknown config section '\\n'"

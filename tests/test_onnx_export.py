@@ -106,8 +106,11 @@ def test_an_adapter_is_merged_before_export(tiny_model_dir, tmp_path, rows):
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    import torch
+
     from tuneloop.adapters import save_adapter
 
+    torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
     # init_lora_weights=False: random B, so the adapter really changes the logits.
     lora = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["query", "value"],
@@ -119,8 +122,11 @@ def test_an_adapter_is_merged_before_export(tiny_model_dir, tmp_path, rows):
     merged, tokenizer = load_for_prediction(str(tmp_path / "adapter"))
     plain, _ = load_for_prediction(str(tiny_model_dir))
     onnx_model, _ = load_for_prediction(str(out), runtime="onnx")
-    assert np.abs(logits(onnx_model, tokenizer, rows) - logits(merged, tokenizer, rows)).max() < 1e-4
-    assert np.abs(logits(onnx_model, tokenizer, rows) - logits(plain, tokenizer, rows)).max() > 1e-3
+    to_merged = np.abs(logits(onnx_model, tokenizer, rows) - logits(merged, tokenizer, rows)).max()
+    to_plain = np.abs(logits(onnx_model, tokenizer, rows) - logits(plain, tokenizer, rows)).max()
+    # The tiny model's logits are ~1e-2, so the adapter moves them by ~1e-4 to 1e-3: the export must follow the
+    # merged model, far closer than the adapter's own effect.
+    assert to_merged < 1e-5 and to_plain > 100 * max(to_merged, 1e-7)
 
 
 # What docs/serving.md shows: predict from the folder with onnxruntime, numpy and tokenizers only.
