@@ -63,7 +63,7 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
             kwargs.update(action=argparse.BooleanOptionalAction, default=f.default)
         else:
             kind = typing.get_args(hints[f.name])[0] if typing.get_args(hints[f.name]) else hints[f.name]
-            kwargs.update(type=kind, default=f.default, metavar=f.metadata["metavar"] or kind.__name__.upper())
+            kwargs.update(type=kind, default=f.default, metavar=f.metadata.get("metavar") or kind.__name__.upper())
         parser.add_argument(f"--{f.name.replace('_', '-')}", required=f.name == "model_dir", **kwargs)
 
 

@@ -21,7 +21,8 @@ from tuneloop.errors import ConfigError, one_line
 from tuneloop.naming import did_you_mean
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def setting(default: Any, help: str, **kw: Any) -> Any:
+    """A config field with its help text (the CLI's, the YAML reference's); extra metadata such as `metavar`."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -29,173 +30,173 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    task: str | None = _f("mrpc", "GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli); null for your own data (the "
+    task: str | None = setting("mrpc", "GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli); null for your own data (the "
                                       "default with --train-file, --validation-file, --test-file or --dataset)")
-    data_dir: str | None = _f(None, "local GLUE folder in the original glue_data TSV layout (e.g. glue_data/MRPC)")
-    train_file: str | None = _f(None, "your training file: .csv, .tsv, .jsonl/.json or .parquet")
-    validation_file: str | None = _f(None, "your validation file (same formats)")
-    test_file: str | None = _f(None, "your test file (labels optional)")
-    text_columns: list[str] | None = _f(None, "one column (single sentences) or two (pairs) holding the text")
-    label_column: str | None = _f(None, "column holding the label (strings, integers or floats for regression; "
+    data_dir: str | None = setting(None, "local GLUE folder in the original glue_data TSV layout (e.g. glue_data/MRPC)")
+    train_file: str | None = setting(None, "your training file: .csv, .tsv, .jsonl/.json or .parquet")
+    validation_file: str | None = setting(None, "your validation file (same formats)")
+    test_file: str | None = setting(None, "your test file (labels optional)")
+    text_columns: list[str] | None = setting(None, "one column (single sentences) or two (pairs) holding the text")
+    label_column: str | None = setting(None, "column holding the label (strings, integers or floats for regression; "
                                         "lists of labels for multi-label)")
-    label_separator: str | None = _f(None, "multi-label: split each label cell at this string (e.g. ',') into a list "
+    label_separator: str | None = setting(None, "multi-label: split each label cell at this string (e.g. ',') into a list "
                                            "of labels")
-    label_columns: list[str] | None = _f(None, "multi-label: several 0/1 columns, one per label, named for it "
+    label_columns: list[str] | None = setting(None, "multi-label: several 0/1 columns, one per label, named for it "
                                                "(instead of label_column)")
-    drop_unlabeled: bool = _f(False, "leave out rows whose label cell is empty or NaN (counted in the start line) "
+    drop_unlabeled: bool = setting(False, "leave out rows whose label cell is empty or NaN (counted in the start line) "
                                      "instead of stopping with their row numbers")
-    max_length: int = _f(128, "truncate tokenised inputs to this many tokens")
-    max_train_samples: int | None = _f(None, "use only the first N training examples")
-    max_eval_samples: int | None = _f(None, "use only the first N examples of each evaluation split")
-    padding: Literal["longest", "max_length"] = _f("longest", "pad each batch to its longest sequence, or always to max_length")
+    max_length: int = setting(128, "truncate tokenised inputs to this many tokens")
+    max_train_samples: int | None = setting(None, "use only the first N training examples")
+    max_eval_samples: int | None = setting(None, "use only the first N examples of each evaluation split")
+    padding: Literal["longest", "max_length"] = setting("longest", "pad each batch to its longest sequence, or always to max_length")
     # Measured: every new padded length costs oneDNN (bf16 on CPU) a cached kernel; rounding to 8 bounds the
     # number of shapes, which cut peak RSS by a quarter at the same speed. GPUs' tensor cores want 8 too.
-    pad_to_multiple_of: int | None = _f(8, "round padded lengths up to a multiple of this (fewer shapes: less memory for "
+    pad_to_multiple_of: int | None = setting(8, "round padded lengths up to a multiple of this (fewer shapes: less memory for "
                                            "kernel caches, compilers, tensor cores; null: exact longest)")
-    long_text: Literal["truncate", "head-tail", "chunk"] = _f("truncate", "texts longer than max_length: truncate (keep "
+    long_text: Literal["truncate", "head-tail", "chunk"] = setting("truncate", "texts longer than max_length: truncate (keep "
                                                                         "the start), head-tail (keep start and end), "
                                                                         "or chunk (overlapping windows, aggregated "
                                                                         "per document)")
-    stride: int = _f(32, "chunk: tokens shared by neighbouring windows (below max_length)")
-    chunk_aggregation: Literal["mean", "max"] = _f("mean", "chunk: a document's logits are the mean or max of its windows'")
-    group_by_length: bool = _f(True, "batch examples of similar length together (less padding, same samples per epoch)")
-    cache_dir: str | None = _f(None, "where tokenised datasets are cached (default: $TUNELOOP_CACHE or ~/.cache/tuneloop)")
-    dataset: str | None = _f(None, "any Hugging Face dataset, loaded with datasets.load_dataset: a Hub name (imdb, "
+    stride: int = setting(32, "chunk: tokens shared by neighbouring windows (below max_length)")
+    chunk_aggregation: Literal["mean", "max"] = setting("mean", "chunk: a document's logits are the mean or max of its windows'")
+    group_by_length: bool = setting(True, "batch examples of similar length together (less padding, same samples per epoch)")
+    cache_dir: str | None = setting(None, "where tokenised datasets are cached (default: $TUNELOOP_CACHE or ~/.cache/tuneloop)")
+    dataset: str | None = setting(None, "any Hugging Face dataset, loaded with datasets.load_dataset: a Hub name (imdb, "
                                    "user/reviews), a local dataset folder or a `datasets` cache entry (data.task "
                                    "becomes null unless given)")
-    dataset_config: str | None = _f(None, "the dataset's configuration (subset) name, e.g. sst2 for nyu-mll/glue")
-    train_split: str | None = _f(None, "the dataset's split to train on (null: train)")
-    validation_split: str | None = _f(None, "the dataset's split to evaluate on (null: the first of validation, "
+    dataset_config: str | None = setting(None, "the dataset's configuration (subset) name, e.g. sst2 for nyu-mll/glue")
+    train_split: str | None = setting(None, "the dataset's split to train on (null: train)")
+    validation_split: str | None = setting(None, "the dataset's split to evaluate on (null: the first of validation, "
                                             "valid, dev, val that it has)")
-    test_split: str | None = _f(None, "the dataset's split to predict on (null: test, if it has one)")
+    test_split: str | None = setting(None, "the dataset's split to predict on (null: test, if it has one)")
 
 
 @dataclass
 class ModelConfig:
-    name_or_path: str | None = _f(None, "Hugging Face model id or local folder (default: the bundled all-MiniLM-L6-v2)")
+    name_or_path: str | None = setting(None, "Hugging Face model id or local folder (default: the bundled all-MiniLM-L6-v2)")
     # Measured on CPU (MiniLM, bf16, batch 32 x 128 tokens): attention dropout adds ~680 MB of peak memory,
     # because attention with dropout keeps every batch x heads x length x length probability for backward.
-    attention_dropout: float | None = _f(None, "override the checkpoint's dropout on attention probabilities "
+    attention_dropout: float | None = setting(None, "override the checkpoint's dropout on attention probabilities "
                                                "(null: keep it; 0 saves much memory on long batches)")
     # Neither of these two changes a hyperparameter, so they resolve per device for every run (tuneloop.devices);
     # `torch` / `sdpa` pin the previous behaviour.
-    dropout_masks: Literal["torch", "fast", "auto"] = _f("auto", "how dropout draws masks on CPU: torch (one random "
+    dropout_masks: Literal["torch", "fast", "auto"] = setting("auto", "how dropout draws masks on CPU: torch (one random "
                                                                  "number per element), fast (16 random bits per "
                                                                  "element, ~2.6x faster; p rounded to 1/65536), or "
                                                                  "auto (fast on CPU); GPUs keep torch's")
-    attn_implementation: str = _f("auto", "attention kernel: sdpa (PyTorch's fused attention), eager, lean (keeps "
+    attn_implementation: str = setting("auto", "attention kernel: sdpa (PyTorch's fused attention), eager, lean (keeps "
                                           "probabilities in bf16: less memory and faster on CPU), auto (lean on CPU, "
                                           "sdpa elsewhere), or any name transformers knows (flash_attention_2, ...)")
     # Zhang et al. 2021 ("Revisiting few-sample BERT fine-tuning"): the top layers specialise to the
     # pretraining task; fresh ones steady small-data runs. The head starts random anyway.
-    reinit_layers: int = _f(0, "re-initialise the top N encoder layers (and the pooler, if the model has one) with the "
+    reinit_layers: int = setting(0, "re-initialise the top N encoder layers (and the pooler, if the model has one) with the "
                                "model's own initialisation before training (0: every layer keeps its pretrained weights)")
 
 
 @dataclass
 class OptimConfig:
-    learning_rate: float = _f(5e-5, "peak learning rate of AdamW")
-    weight_decay: float = _f(0.01, "decoupled weight decay (not applied to biases and LayerNorm weights)")
-    adam_beta1: float = _f(0.9, "AdamW beta1")
-    adam_beta2: float = _f(0.999, "AdamW beta2")
-    adam_epsilon: float = _f(1e-8, "AdamW epsilon")
-    max_grad_norm: float | None = _f(1.0, "clip gradients to this global norm (null: no clipping)")
-    lr_scheduler: str = _f("linear", "schedule name for transformers.get_scheduler (linear, cosine, constant_with_warmup, ...)")
-    warmup_ratio: float = _f(0.0, "warmup as a fraction of all optimizer steps")
-    warmup_steps: int = _f(0, "warmup in optimizer steps (overrides warmup_ratio when > 0)")
-    name: Literal["adamw", "adamw_8bit"] = _f("adamw", "optimizer: adamw (torch, fp32 states) or adamw_8bit (bitsandbytes, "
+    learning_rate: float = setting(5e-5, "peak learning rate of AdamW")
+    weight_decay: float = setting(0.01, "decoupled weight decay (not applied to biases and LayerNorm weights)")
+    adam_beta1: float = setting(0.9, "AdamW beta1")
+    adam_beta2: float = setting(0.999, "AdamW beta2")
+    adam_epsilon: float = setting(1e-8, "AdamW epsilon")
+    max_grad_norm: float | None = setting(1.0, "clip gradients to this global norm (null: no clipping)")
+    lr_scheduler: str = setting("linear", "schedule name for transformers.get_scheduler (linear, cosine, constant_with_warmup, ...)")
+    warmup_ratio: float = setting(0.0, "warmup as a fraction of all optimizer steps")
+    warmup_steps: int = setting(0, "warmup in optimizer steps (overrides warmup_ratio when > 0)")
+    name: Literal["adamw", "adamw_8bit"] = setting("adamw", "optimizer: adamw (torch, fp32 states) or adamw_8bit (bitsandbytes, "
                                                        "8-bit states: a quarter of the optimizer memory)")
-    head_learning_rate: float | None = _f(None, "learning rate of the classifier head (null: learning_rate)")
-    loraplus_lr_ratio: float | None = _f(None, "LoRA+: adapters' B matrices learn at learning_rate x this ratio "
+    head_learning_rate: float | None = setting(None, "learning rate of the classifier head (null: learning_rate)")
+    loraplus_lr_ratio: float | None = setting(None, "LoRA+: adapters' B matrices learn at learning_rate x this ratio "
                                                "(null: off; the LoRA+ paper uses 16)")
-    layer_decay: float | None = _f(None, "layer-wise learning-rate decay: with L encoder layers, layer i (1..L) learns at "
+    layer_decay: float | None = setting(None, "layer-wise learning-rate decay: with L encoder layers, layer i (1..L) learns at "
                                          "learning_rate x decay^(L + 1 - i), the embeddings at decay^(L + 1), the head "
                                          "and pooler at learning_rate (null: one rate for every layer)")
     # The word-embedding matrix is about half of a small encoder's parameters (MiniLM: 11.7 M of 22.7 M):
     # frozen, backward computes no dense gradient for it and AdamW keeps no state for it.
-    embeddings: Literal["train", "freeze"] = _f("train", "train the word embeddings, or freeze them (no gradient, no "
+    embeddings: Literal["train", "freeze"] = setting("train", "train the word embeddings, or freeze them (no gradient, no "
                                                          "optimizer state; position and type embeddings still train)")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _f(3, "number of passes over the training data")
-    batch_size: int = _f(8, "examples per device per micro-batch")
-    gradient_accumulation_steps: int = _f(1, "micro-batches accumulated into one optimizer step")
-    mixed_precision: Literal["no", "bf16", "fp16", "auto", "tf32"] = _f("auto", "autocast precision: no, bf16, fp16, tf32 (fp32 with TF32 matmuls on GPUs; no elsewhere), or auto (from device and model size: docs/precision.md)")
-    gradient_checkpointing: bool | Literal["auto"] = _f(False, "recompute each layer's activations in backward instead "
+    epochs: int = setting(3, "number of passes over the training data")
+    batch_size: int = setting(8, "examples per device per micro-batch")
+    gradient_accumulation_steps: int = setting(1, "micro-batches accumulated into one optimizer step")
+    mixed_precision: Literal["no", "bf16", "fp16", "auto", "tf32"] = setting("auto", "autocast precision: no, bf16, fp16, tf32 (fp32 with TF32 matmuls on GPUs; no elsewhere), or auto (from device and model size: docs/precision.md)")
+    gradient_checkpointing: bool | Literal["auto"] = setting(False, "recompute each layer's activations in backward instead "
                                                                "of keeping them (less memory, one more forward per "
                                                                "step); auto: only on CPUs with fast bf16, where it pays")
-    compile: bool | Literal["reduce-overhead", "max-autotune"] = _f(False, "torch.compile the model: true, reduce-overhead (CUDA graphs: one launch per step on GPUs; pads lengths to a multiple of 32) or max-autotune (pads to a multiple of 8 unless pad_to_multiple_of is set, to limit recompiles)")
-    seed: int = _f(0, "seed for weights of new heads, dropout and data order")
-    log_every: int = _f(10, "log loss and learning rate every N optimizer steps")
-    nan_policy: Literal["stop", "skip"] = _f("stop", "on a NaN/infinite loss: stop with a message, or skip that update and count it")
-    class_weights: str = _f("none", "weight each class's loss: none, balanced (inverse frequency in the training "
+    compile: bool | Literal["reduce-overhead", "max-autotune"] = setting(False, "torch.compile the model: true, reduce-overhead (CUDA graphs: one launch per step on GPUs; pads lengths to a multiple of 32) or max-autotune (pads to a multiple of 8 unless pad_to_multiple_of is set, to limit recompiles)")
+    seed: int = setting(0, "seed for weights of new heads, dropout and data order")
+    log_every: int = setting(10, "log loss and learning rate every N optimizer steps")
+    nan_policy: Literal["stop", "skip"] = setting("stop", "on a NaN/infinite loss: stop with a message, or skip that update and count it")
+    class_weights: str = setting("none", "weight each class's loss: none, balanced (inverse frequency in the training "
                                     "split, scikit-learn's n / (classes x count)) or one weight per class, w1,w2,...")
 
 
 @dataclass
 class EvalConfig:
-    eval_every: int = _f(0, "also evaluate every N optimizer steps (0: only at each epoch end)")
-    eval_batch_size: int = _f(32, "examples per device per evaluation batch")
-    early_stopping_patience: int | None = _f(None, "stop after N evaluations in a row without a new best main metric (null: never)")
-    load_best_model: bool = _f(False, "save the weights of the best evaluation (by the main metric) as the model, not the last")
-    calibrate: bool = _f(False, "after training, fit temperature scaling on the validation split and fold it into the "
+    eval_every: int = setting(0, "also evaluate every N optimizer steps (0: only at each epoch end)")
+    eval_batch_size: int = setting(32, "examples per device per evaluation batch")
+    early_stopping_patience: int | None = setting(None, "stop after N evaluations in a row without a new best main metric (null: never)")
+    load_best_model: bool = setting(False, "save the weights of the best evaluation (by the main metric) as the model, not the last")
+    calibrate: bool = setting(False, "after training, fit temperature scaling on the validation split and fold it into the "
                                 "classifier's last layer (every loader gets calibrated probabilities); ECE and Brier "
                                 "score before and after go to eval_results.json and calibration.json")
-    tune_thresholds: bool = _f(False, "multi-label: after training, pick each label's score threshold on the validation "
+    tune_thresholds: bool = setting(False, "multi-label: after training, pick each label's score threshold on the validation "
                                       "split to maximise its F1 (default 0.5), stored in the model's config.json")
 
 
 @dataclass
 class OutputConfig:
-    output_dir: str = _f("runs/latest", "folder for config, metrics, model and plots of this run")
-    overwrite: bool = _f(False, "allow writing into an output folder that already holds a finished run")
-    report_to: list[str] = _f(["auto"], "trackers besides metrics.jsonl: tensorboard, mlflow, wandb, none, or auto "
+    output_dir: str = setting("runs/latest", "folder for config, metrics, model and plots of this run")
+    overwrite: bool = setting(False, "allow writing into an output folder that already holds a finished run")
+    report_to: list[str] = setting(["auto"], "trackers besides metrics.jsonl: tensorboard, mlflow, wandb, none, or auto "
                                         "(TensorBoard when installed); comma-separated")
-    push_to_hub: str | None = _f(None, "after training, upload model, tokenizer and model card to this Hub repo id")
+    push_to_hub: str | None = setting(None, "after training, upload model, tokenizer and model card to this Hub repo id")
 
 
 @dataclass
 class CheckpointConfig:
-    checkpoint_every: int = _f(0, "save a checkpoint every N optimizer steps (0: off)")
-    checkpoint_every_epoch: bool = _f(True, "save a checkpoint at the end of every epoch")
-    keep_last: int = _f(2, "keep the newest N checkpoints (plus the best one)")
-    keep_best: bool = _f(True, "also keep the checkpoint with the best evaluation metric")
-    resume: str | None = _f(None, "resume from the newest complete checkpoint in the output folder (--resume) or from a given checkpoint folder (--resume PATH)", const="latest")
-    resume_force: bool = _f(False, "resume even if settings or data changed since the checkpoint (the changes are logged)")
+    checkpoint_every: int = setting(0, "save a checkpoint every N optimizer steps (0: off)")
+    checkpoint_every_epoch: bool = setting(True, "save a checkpoint at the end of every epoch")
+    keep_last: int = setting(2, "keep the newest N checkpoints (plus the best one)")
+    keep_best: bool = setting(True, "also keep the checkpoint with the best evaluation metric")
+    resume: str | None = setting(None, "resume from the newest complete checkpoint in the output folder (--resume) or from a given checkpoint folder (--resume PATH)", const="latest")
+    resume_force: bool = setting(False, "resume even if settings or data changed since the checkpoint (the changes are logged)")
 
 
 @dataclass
 class LaunchConfig:
-    num_processes: int | None = _f(None, "processes to start on this machine, one per GPU (null: one, or what torchrun / accelerate launch started)")
-    num_machines: int = _f(1, "machines taking part in the job (run the same command on each, with its --machine-rank)")
-    machine_rank: int = _f(0, "this machine's number, 0 to num_machines - 1; machine 0 hosts the rendezvous")
-    main_process_ip: str | None = _f(None, "address of machine 0 that every machine can reach (needed with several machines)")
-    main_process_port: int | None = _f(None, "free port on machine 0 (default 29500 with several machines; a free one is picked on one)")
-    timeout: int = _f(1800, "seconds a process waits for the others (to join, in a collective) before the job fails instead of hanging")
-    accelerate_config: str | None = _f(None, "an `accelerate config` file (FSDP, DeepSpeed): with --num-processes the job starts with `accelerate launch`; its precision is checked against train.mixed_precision")
+    num_processes: int | None = setting(None, "processes to start on this machine, one per GPU (null: one, or what torchrun / accelerate launch started)")
+    num_machines: int = setting(1, "machines taking part in the job (run the same command on each, with its --machine-rank)")
+    machine_rank: int = setting(0, "this machine's number, 0 to num_machines - 1; machine 0 hosts the rendezvous")
+    main_process_ip: str | None = setting(None, "address of machine 0 that every machine can reach (needed with several machines)")
+    main_process_port: int | None = setting(None, "free port on machine 0 (default 29500 with several machines; a free one is picked on one)")
+    timeout: int = setting(1800, "seconds a process waits for the others (to join, in a collective) before the job fails instead of hanging")
+    accelerate_config: str | None = setting(None, "an `accelerate config` file (FSDP, DeepSpeed): with --num-processes the job starts with `accelerate launch`; its precision is checked against train.mixed_precision")
 
 
 @dataclass
 class PeftConfig:
     """Parameter-efficient fine-tuning through PEFT (tuneloop.adapters): the base model frozen, adapters and head trained."""
 
-    method: Literal["none", "lora", "adalora"] = _f("none", "none (every weight trains), lora or adalora")
-    lora_rank: int = _f(8, "rank r of each LoRA update (AdaLoRA: see adalora_init_rank)")
-    lora_alpha: float = _f(16.0, "LoRA scaling alpha (the update is scaled by alpha / r)")
-    lora_dropout: float = _f(0.1, "dropout on the adapters' input")
-    lora_target_modules: list[str] | None = _f(None, "Linear layers to adapt, by name (null: found from the model: "
+    method: Literal["none", "lora", "adalora"] = setting("none", "none (every weight trains), lora or adalora")
+    lora_rank: int = setting(8, "rank r of each LoRA update (AdaLoRA: see adalora_init_rank)")
+    lora_alpha: float = setting(16.0, "LoRA scaling alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = setting(0.1, "dropout on the adapters' input")
+    lora_target_modules: list[str] | None = setting(None, "Linear layers to adapt, by name (null: found from the model: "
                                                      "BERT/ELECTRA query,key,value,dense; DistilBERT q_lin,...,lin2; "
                                                      "else every Linear layer outside the head)")
-    adalora_init_rank: int = _f(8, "AdaLoRA: rank every adapted layer starts with")
-    adalora_target_rank: int = _f(4, "AdaLoRA: average rank left per layer once the budget has shrunk")
-    adalora_warmup_fraction: float = _f(0.1, "AdaLoRA: share of optimizer steps trained at the initial budget")
-    adalora_final_fraction: float = _f(0.2, "AdaLoRA: share of optimizer steps trained at the final budget")
-    adalora_update_every: int = _f(10, "AdaLoRA: reallocate ranks every N optimizer steps while the budget shrinks")
-    adalora_orth_reg_weight: float = _f(0.5, "AdaLoRA: weight of the orthogonality penalty on its singular vectors, "
+    adalora_init_rank: int = setting(8, "AdaLoRA: rank every adapted layer starts with")
+    adalora_target_rank: int = setting(4, "AdaLoRA: average rank left per layer once the budget has shrunk")
+    adalora_warmup_fraction: float = setting(0.1, "AdaLoRA: share of optimizer steps trained at the initial budget")
+    adalora_final_fraction: float = setting(0.2, "AdaLoRA: share of optimizer steps trained at the final budget")
+    adalora_update_every: int = setting(10, "AdaLoRA: reallocate ranks every N optimizer steps while the budget shrinks")
+    adalora_orth_reg_weight: float = setting(0.5, "AdaLoRA: weight of the orthogonality penalty on its singular vectors, "
                                              "added to the loss (PEFT's default 0.5; the AdaLoRA paper's GLUE runs: 0.1)")
-    merge_adapter: bool = _f(False, "also write OUT/model-merged/: adapters merged into the weights, loadable by "
+    merge_adapter: bool = setting(False, "also write OUT/model-merged/: adapters merged into the weights, loadable by "
                                     "plain transformers.pipeline")
 
 

@@ -15,39 +15,36 @@ import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
+from tuneloop.config import setting
 from tuneloop.errors import ConfigError, TuneloopError
 
 SETTINGS_ENV = "TUNELOOP_SERVE_SETTINGS"  # how `--workers N` hands the settings to each worker process
-
-
-def _f(default: Any, help: str, metavar: str | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "metavar": metavar})
 
 
 @dataclass
 class ServeSettings:
     """What `tuneloop serve` takes; the flags and their defaults come from here."""
 
-    model_dir: str = _f(None, "saved model folder (OUT/model, OUT/model-merged, or an export; ONNX for --runtime onnx)",
-                        "DIR")
-    host: str = _f("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
-    port: int = _f(8000, "TCP port to listen on")
-    runtime: str = _f("torch", "torch (PyTorch) or onnx (ONNX Runtime, on a folder from export --format onnx)",
-                      "torch|onnx")
-    quantize: Optional[str] = _f(None, "int8: int8 Linear layers (torch) or ONNX Runtime int8 quantisation (onnx)",
-                               "int8")
-    workers: int = _f(1, "server processes on this machine, each with its own model and batcher")
-    max_batch_size: int = _f(32, "most inputs per forward pass (1: no dynamic batching)")
-    max_wait_ms: float = _f(5.0, "how long the first input of a batch waits for others to join it")
-    max_inputs: int = _f(256, "most inputs in one request (more: 413)")
-    max_body_bytes: int = _f(1_000_000, "largest request body in bytes (larger: 413)")
-    threads: Optional[int] = _f(None, "CPU threads per forward pass (null: the runtime's choice)")
-    access_log: bool = _f(True, "log one line per request")
+    model_dir: str = setting(None, "saved model folder (OUT/model, OUT/model-merged, or an export; ONNX for --runtime onnx)",
+                        metavar="DIR")
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = setting(8000, "TCP port to listen on")
+    runtime: str = setting("torch", "torch (PyTorch) or onnx (ONNX Runtime, on a folder from export --format onnx)",
+                      metavar="torch|onnx")
+    quantize: Optional[str] = setting(None, "int8: int8 Linear layers (torch) or ONNX Runtime int8 quantisation (onnx)",
+                               metavar="int8")
+    workers: int = setting(1, "server processes on this machine, each with its own model and batcher")
+    max_batch_size: int = setting(32, "most inputs per forward pass (1: no dynamic batching)")
+    max_wait_ms: float = setting(5.0, "how long the first input of a batch waits for others to join it")
+    max_inputs: int = setting(256, "most inputs in one request (more: 413)")
+    max_body_bytes: int = setting(1_000_000, "largest request body in bytes (larger: 413)")
+    threads: Optional[int] = setting(None, "CPU threads per forward pass (null: the runtime's choice)")
+    access_log: bool = setting(True, "log one line per request")
 
     def check(self) -> "ServeSettings":
         from tuneloop.export import check_quantize
