@@ -71,6 +71,14 @@ def write_mrpc_head(out: Path, lines: tuple[int, int, int] = (65, 41, 21)) -> Pa
     return out
 
 
+def mrpc_dev_pairs(nrows: int):
+    """The first `nrows` pairs of the real MRPC dev file as a predict-style frame (text, text_pair)."""
+    import pandas as pd
+
+    df = pd.read_csv(MRPC / "dev.tsv", sep="\t", quoting=3, encoding="utf-8-sig", nrows=nrows)
+    return pd.DataFrame({"text": df["#1 String"], "text_pair": df["#2 String"]})
+
+
 def tiny_args(model_dir: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--model", str(model_dir), "--data-dir", str(data_dir), "--output-dir", str(out),
             "--epochs", "1", "--batch-size", "8", "--learning-rate", "1e-3", "--log-every", "2", "--mixed-precision", "no",

@@ -11,7 +11,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import MRPC
+from conftest import mrpc_dev_pairs
 from tuneloop.cli import main
 from tuneloop.predict import predict_rows
 
@@ -23,8 +23,7 @@ needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
 
 @pytest.fixture(scope="module")
 def rows() -> pd.DataFrame:
-    df = pd.read_csv(MRPC / "dev.tsv", sep="\t", quoting=3, encoding="utf-8-sig", nrows=60)
-    return pd.DataFrame({"text": df["#1 String"], "text_pair": df["#2 String"]})
+    return mrpc_dev_pairs(60)
 
 
 @pytest.fixture(scope="module")

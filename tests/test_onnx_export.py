@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import MRPC
+from conftest import mrpc_dev_pairs
 from tuneloop.cli import main
 from tuneloop.predict import load_for_prediction, predict_rows
 
@@ -23,8 +23,7 @@ pytest.importorskip("onnx")
 
 @pytest.fixture(scope="module")
 def rows() -> pd.DataFrame:
-    df = pd.read_csv(MRPC / "dev.tsv", sep="\t", quoting=3, encoding="utf-8-sig", nrows=40)
-    return pd.DataFrame({"text": df["#1 String"], "text_pair": df["#2 String"]})
+    return mrpc_dev_pairs(40)
 
 
 @pytest.fixture(scope="module")

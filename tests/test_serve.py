@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import MRPC, REPO
+from conftest import REPO, mrpc_dev_pairs
 from tuneloop.predict import predict_rows
 
 httpx = pytest.importorskip("httpx")
@@ -75,8 +75,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def rows() -> pd.DataFrame:
-    df = pd.read_csv(MRPC / "dev.tsv", sep="\t", quoting=3, encoding="utf-8-sig", nrows=24)
-    return pd.DataFrame({"text": df["#1 String"], "text_pair": df["#2 String"]})
+    return mrpc_dev_pairs(24)
 
 
 @pytest.fixture(scope="module")
