@@ -229,7 +229,28 @@ def tables(result: dict) -> str:
     return "\n".join(lines)
 
 
+def targets(result: dict) -> list[str]:
+    """Issue 21's targets, PASS or MISS, each with the measured number."""
+    pred = {r["row"]: r for r in result["prediction"]}
+    at = {(r["batching"], r["clients"]): r for r in result["serving"]}
+    most = max(c for _, c in at)
+    speed = pred["ORT int8"]["predictions_per_second"] / pred["torch fp32"]["predictions_per_second"]
+    drop = (pred["torch fp32"]["accuracy"] - pred["ORT int8"]["accuracy"]) * 100
+    batched, single = at[("dynamic batching", most)], at[("one at a time", most)]
+    gain = batched["requests_per_second"] / single["requests_per_second"]
+    errors = sum(r["errors"] for r in result["serving"]) + result["rss"]["errors"]
+    checks = [(result["max_logit_diff"] <= 1e-4, f"ORT fp32 logits within 1e-4 of torch: {result['max_logit_diff']:.2e}"),
+              (speed >= 2.5 and drop <= 1, f"ORT int8 >= 2.5x torch fp32 predictions/s within 1 point: {speed:.2f}x, "
+                                           f"{drop:+.2f} points behind"),
+              (gain >= 3 and errors == 0, f"dynamic batching >= 3x one-at-a-time at {most} clients, 0 errors: "
+                                          f"{gain:.2f}x, {errors} errors"),
+              (result["rss"]["growth_mb"] < 50, f"server RSS growth < 50 MB over {result['rss']['requests']} requests: "
+                                                f"{result['rss']['growth_mb']:+.1f} MB")]
+    return [("PASS  " if ok else "MISS  ") + text for ok, text in checks]
+
+
 def main(argv=None) -> int:
+    from benchmarks.bench import machine_info
     from tuneloop.onnx_export import export_onnx
 
     args = parse_args(argv)
@@ -241,9 +262,11 @@ def main(argv=None) -> int:
     folder, runtime = (int8_dir, "onnx") if args.serve_runtime == "onnx" else (Path(args.model_dir), "torch")
     serving, rss = serving_rows(args, folder, runtime)
     result = {"model_dir": str(args.model_dir), "quick": args.quick, "serve_runtime": runtime, "cpus": os.cpu_count(),
-              "prediction": prediction, "max_logit_diff": diff, "serving": serving, "rss": rss}
+              "prediction": prediction, "max_logit_diff": diff, "serving": serving, "rss": rss,
+              "machine": machine_info(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    result["targets"] = targets(result)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(tables(result))
+    print(tables(result) + "\n\n" + "\n".join(result["targets"]))
     return 0
 
 

@@ -194,6 +194,34 @@ def run_serve(*args: str) -> subprocess.CompletedProcess:
                           timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
+def test_a_gathered_batch_runs_in_length_sorted_model_calls_with_predicts_answers(tiny_model_dir, rows):
+    from tuneloop.predict import load_for_prediction, predict_texts
+    from tuneloop.serve import Batcher
+
+    model, tokenizer = load_for_prediction(str(tiny_model_dir), None, "torch")
+    shapes = []
+    model.register_forward_hook(lambda module, args, kwargs, out: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                with_kwargs=True)
+    items = list(zip(rows.text.head(10), rows.text_pair.head(10)))
+    batcher = Batcher(model, tokenizer, max_batch_size=32, max_wait_ms=0, model_batch_size=4)
+    served = batcher.forward(items)
+    assert [n for n, _ in shapes] == [4, 4, 2]  # 10 inputs in calls of at most model_batch_size
+    assert all(length % 8 == 0 for _, length in shapes)  # padded to a multiple of 8: few distinct shapes
+    assert [length for _, length in shapes] == sorted((length for _, length in shapes), reverse=True)
+    shapes.clear()
+    alone = predict_texts(model, tokenizer, [a for a, _ in items], [b for _, b in items], batch_size=32, all_scores=True)
+    assert len(shapes) == 1
+    assert [r["label"] for r in served] == [r["label"] for r in alone]
+    for s, a in zip(served, alone):
+        assert s["score"] == pytest.approx(a["score"], abs=1e-5)
+
+
+def test_a_model_batch_size_below_1_is_one_line(tiny_model_dir):
+    proc = run_serve("--model-dir", str(tiny_model_dir), "--model-batch-size", "0", "--port", str(free_port()))
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == ["tuneloop: error: --model-batch-size: must be at least 1, got 0"]
+
+
 def test_port_in_use_is_one_line(tiny_model_dir):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -91,7 +91,14 @@ def export_graph(model, tokenizer, target: Path) -> list[str]:
         program = torch.onnx.export(logits_module(model, input_names), sample_inputs(tokenizer, input_names),
                                     input_names=input_names, output_names=["logits"], opset_version=OPSET,
                                     dynamo=True, dynamic_shapes=dynamic, verbose=False)
-    program.save(str(target), external_data=False)
+    # ONNX Runtime's fused kernels (Attention, SkipLayerNormalization, BiasGelu: com.microsoft ops) in place of
+    # the exporter's primitive ops: measured 1.33x fp32 predictions/s on MRPC dev (batch 32, 2-core CPU), logits
+    # within 1.5e-5 of the unfused graph. The graph then needs ONNX Runtime, which is what it is exported for.
+    from onnxscript import ir
+    from onnxscript.rewriter import ort_fusions
+
+    fused, _ = ort_fusions.optimize_for_ort(program.model)
+    ir.save(fused, str(target))
     return input_names
 
 
@@ -144,7 +151,8 @@ def export_onnx(model_dir: str, output_dir: str, quantize: str | None = None, ov
         # Label names spelled out: config.json leaves out transformers' default LABEL_i names.
         info = {"labels": [config.id2label[i] for i in range(1 if regression else config.num_labels)],
                 "problem_type": config.problem_type or "single_label_classification",
-                "exporter": f"torch.onnx.export (dynamo), torch {torch.__version__}", "opset": OPSET,
+                "exporter": f"torch.onnx.export (dynamo), torch {torch.__version__}, onnxscript ort_fusions",
+                "opset": OPSET,
                 "inputs": input_names, "outputs": ["logits"], "dynamic_axes": {"0": "batch", "1": "sequence"},
                 "quantize": quantize}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

@@ -148,7 +148,9 @@ def predict_texts(model, tokenizer, texts: list[str], pairs: list[str] | None = 
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             rows = order[start: start + batch_size]
-            batch = tokenizer.pad([{k: encoded[k][i] for k in encoded} for i in rows], return_tensors="pt")
+            # A multiple of 8, as in training: fewer distinct shapes, so fewer kernels and buffers cached per shape.
+            batch = tokenizer.pad([{k: encoded[k][i] for k in encoded} for i in rows], pad_to_multiple_of=8,
+                                  return_tensors="pt")
             logits[rows] = model(**batch).logits.float()
             progress.update(len(rows))
     progress.close()

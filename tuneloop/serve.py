@@ -2,8 +2,9 @@
 
 Every input of every request goes into one queue; a batcher takes what has arrived, up to `max_batch_size`
 inputs or until `max_wait_ms` after the first, and runs them through `predict`'s own path (`predict_texts`:
-truncation, length sorting, padding per batch, label names), one batch at a time in a worker thread, so the
-event loop keeps accepting requests while the model runs and the next batch grows with the load.
+truncation, length sorting, model calls of `model_batch_size` inputs padded to their longest, label names),
+one batch at a time in a worker thread, so the event loop keeps accepting requests while the model runs and
+the next batch grows with the load.
 Each server is stateless: scale out with replicas behind any load balancer, or `--workers N` on one machine.
 """
 
@@ -39,7 +40,9 @@ class ServeSettings:
     quantize: Optional[str] = setting(None, "int8: int8 Linear layers (torch) or ONNX Runtime int8 quantisation (onnx)",
                                metavar="int8")
     workers: int = setting(1, "server processes on this machine, each with its own model and batcher")
-    max_batch_size: int = setting(32, "most inputs per forward pass (1: no dynamic batching)")
+    max_batch_size: int = setting(32, "most inputs the batcher gathers at once (1: no dynamic batching)")
+    model_batch_size: int = setting(8, "most inputs per model call: a gathered batch is sorted by length and run in "
+                                       "calls of this many, so short inputs are not padded to the longest of 32")
     max_wait_ms: float = setting(5.0, "how long the first input of a batch waits for others to join it")
     max_inputs: int = setting(256, "most inputs in one request (more: 413)")
     max_body_bytes: int = setting(1_000_000, "largest request body in bytes (larger: 413)")
@@ -54,7 +57,7 @@ class ServeSettings:
             raise ConfigError("serve needs --model-dir (a folder written by tuneloop train or export)")
         check_runtime(self.runtime)
         check_quantize(self.quantize)
-        for name in ("workers", "max_batch_size", "max_inputs", "max_body_bytes"):
+        for name in ("workers", "max_batch_size", "model_batch_size", "max_inputs", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
@@ -75,9 +78,11 @@ class RequestError(Exception):
 class Batcher:
     """Groups the inputs of concurrent requests into batches, runs one batch at a time off the event loop."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int, max_wait_ms: float, max_length: int = 512):
+    def __init__(self, model, tokenizer, max_batch_size: int, max_wait_ms: float, max_length: int = 512,
+                 model_batch_size: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
+        self.model_batch_size = min(model_batch_size or max_batch_size, max_batch_size)
         self.max_length = max_length
         self.queue: asyncio.Queue = asyncio.Queue()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="tuneloop-model")
@@ -141,7 +146,7 @@ class Batcher:
             if idx:
                 out = predict_texts(self.model, self.tokenizer, [items[i][0] for i in idx],
                                     [items[i][1] for i in idx] if has_pair else None,
-                                    batch_size=self.max_batch_size, max_length=self.max_length, all_scores=True)
+                                    batch_size=self.model_batch_size, max_length=self.max_length, all_scores=True)
                 for i, row in zip(idx, out):
                     results[i] = row
         return results
@@ -284,7 +289,8 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None):
     if model is None:
         model, tokenizer = load_model(settings)
     info = describe_model(settings, model, tokenizer)
-    batcher = Batcher(model, tokenizer, settings.max_batch_size, settings.max_wait_ms)
+    batcher = Batcher(model, tokenizer, settings.max_batch_size, settings.max_wait_ms,
+                      model_batch_size=settings.model_batch_size)
     schema = input_model()
 
     @asynccontextmanager
@@ -323,7 +329,7 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None):
     @app.get("/metadata")
     async def metadata():
         return {**info, "batching": {"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms,
-                                     **batcher.stats, "in_flight": batcher.in_flight}, "pid": os.getpid()}
+                                     "model_batch_size": batcher.model_batch_size, **batcher.stats, "in_flight": batcher.in_flight}, "pid": os.getpid()}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
