@@ -37,6 +37,14 @@ def test_the_fast_recipe_resolves_per_device(monkeypatch, device, fast_bf16, kin
         (32, 1e-4, 0.0, 16)
 
 
+@pytest.mark.parametrize("precision, checkpointing", [("auto", True), ("bf16", True), ("no", False)])
+def test_a_bf16_cpu_forced_to_fp32_does_not_checkpoint(monkeypatch, precision, checkpointing):
+    # Recomputing an fp32 step only costs: such a run gets the no-bf16 CPU's value.
+    _cpu(monkeypatch, True)
+    r = resolve_for_device(load_config("fast", {"mixed_precision": precision}), "cpu")
+    assert r.train.gradient_checkpointing is checkpointing
+
+
 @pytest.mark.parametrize("device, fast_bf16, expected", [
     ("cuda", True, ("sdpa", "torch")),  # as before on GPUs
     ("cpu", True, ("lean", "fast")),
