@@ -32,8 +32,10 @@ $(VENV)/bin/python:
 	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "make: '$(PYTHON) -m venv' failed: on Debian/Ubuntu install \
 	python3-venv (apt install python3-venv), or activate a virtual environment and run make again" >&2; exit 1; }
 
+# The fast recipe, not the course's defaults: on full MRPC it is faster and more accurate (dev accuracy at seed 0:
+# 0.826 vs 0.797 on this project's 2-core CPU; docs/speed-options.md). `tuneloop train` alone keeps the course's recipe.
 train: install
-	$(ENV_PYTHON) -m tuneloop train --task mrpc --data-dir $(DATA) --output-dir $(OUT) --overwrite
+	$(ENV_PYTHON) -m tuneloop train --config fast --task mrpc --data-dir $(DATA) --output-dir $(OUT) --overwrite
 
 test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(ENV_PYTHON) -m pytest -q
