@@ -18,7 +18,7 @@ def modules() -> dict[str, ast.Module]:
             for p in sorted(PACKAGE.rglob("*.py"))}
 
 
-def imported(name: str, node: ast.AST) -> str | None:
+def imported(node: ast.AST) -> str | None:
     """The tuneloop module an import names, without the package prefix."""
     if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tuneloop.") and node.level == 0:
         return node.module.removeprefix("tuneloop.")
@@ -30,7 +30,7 @@ def import_graph() -> dict[str, set[str]]:
     for name, tree in trees.items():
         edges = set()
         for node in ast.walk(tree):
-            target = imported(name, node)
+            target = imported(node)
             if target is None and isinstance(node, ast.Import):
                 target = next((a.name.removeprefix("tuneloop.") for a in node.names if a.name.startswith("tuneloop.")), None)
             if target in trees and target != name:

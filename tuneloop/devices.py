@@ -60,12 +60,12 @@ def resolve_for_device(config: Config, device_type: str) -> Config:
     if t.mixed_precision == "auto":
         t.mixed_precision = resolve_mixed_precision("auto", use_cpu=device_type == "cpu", model=m.name_or_path) \
             if device_type in ("cpu", "cuda") else "no"
+    if kind == "cpu-bf16" and t.mixed_precision == "no":
+        # A bf16 CPU forced to fp32 steps like a CPU without bf16: recomputing an fp32 step only costs (1,600 MRPC
+        # pairs, 1 epoch, --config fast in fp32: 85.3 s of training checkpointed, the course hparams' 71.0 s without).
+        kind = "cpu"
     if t.gradient_checkpointing == "auto":
-        # Checkpointing pays on a bf16 CPU because bf16 steps are cheap to recompute; a run forced to fp32 there
-        # (--mixed-precision no) steps like a CPU without bf16, where it only costs (1,600 MRPC pairs, 1 epoch,
-        # --config fast in fp32 on an AVX512-BF16 CPU: 85.3 s of training with it, the course loop's 71.0 s without).
-        fp32_cpu = kind == "cpu-bf16" and t.mixed_precision == "no"
-        t.gradient_checkpointing = CHECKPOINTING["cpu" if fp32_cpu else kind]
+        t.gradient_checkpointing = CHECKPOINTING[kind]
     if m.attn_implementation == "auto":
         m.attn_implementation = ATTENTION[kind]
     if m.dropout_masks == "auto":

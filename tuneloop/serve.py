@@ -329,7 +329,8 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None):
     @app.get("/metadata")
     async def metadata():
         return {**info, "batching": {"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms,
-                                     "model_batch_size": batcher.model_batch_size, **batcher.stats, "in_flight": batcher.in_flight}, "pid": os.getpid()}
+                                     "model_batch_size": batcher.model_batch_size, **batcher.stats,
+                                     "in_flight": batcher.in_flight}, "pid": os.getpid()}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
