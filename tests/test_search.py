@@ -88,6 +88,35 @@ def test_killed_search_resumes_and_two_workers_share_the_study(tiny_model_dir, m
     assert "optimization history" in html and f"trial-{best_trial.number:04d}" in html
 
 
+ASK_AT = """
+import sys, time, warnings
+import optuna
+from tuneloop.search import open_storage
+warnings.simplefilter("ignore")
+study = optuna.load_study(study_name="s", storage=open_storage(sys.argv[1]))
+while time.time() < float(sys.argv[2]):
+    pass
+print(study.ask().number)
+"""
+
+
+def test_workers_starting_at_once_never_take_the_same_queued_trial(tmp_path):
+    # SQLite ignores Optuna's SELECT ... FOR UPDATE: without the queue lock, 4 processes asking at one instant
+    # all took the one queued trial (10 of 10 tries); a retry of a killed trial is such a queued trial.
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    from tuneloop.search import open_storage
+
+    optuna.create_study(study_name="s", storage=open_storage(url)).enqueue_trial({"x": 1})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    start = time.time() + 15  # after every process has imported optuna and opened the storage
+    procs = [subprocess.Popen([sys.executable, "-c", ASK_AT, url, str(start)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-500:] for _, err in outputs]
+    assert sorted(int(out) for out, _ in outputs) == [0, 1, 2, 3]  # one took the queued trial 0, the rest new ones
+    assert [t.state.name for t in trials(url, "s")] == ["RUNNING"] * 4
+
+
 def test_pruning_stops_a_weak_trial(tiny_model_dir, mrpc_slice, tmp_path, capsys):
     out = tmp_path / "search"
     out.mkdir()

@@ -193,21 +193,55 @@ def quiet_failed_trials() -> None:
         handler.addFilter(_OneLine())
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a `sqlite:///` URL; None for any other storage (and for SQLite in memory)."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or url[len(prefix):] in ("", ":memory:"):
+        return None
+    return Path(url[len(prefix):].split("?", 1)[0])
+
+
 def open_storage(url: str):
     _optuna()
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     try:
         # Heartbeats let a restarted or parallel worker fail (and retry once) the trial of a killed worker.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # heartbeats are marked experimental in Optuna
-            return RDBStorage(url, heartbeat_interval=60, grace_period=180,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+            return queue_locked_storage(url, heartbeat_interval=60, grace_period=180,
+                                        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
     except ImportError as e:
         raise TuneloopError(f"--storage {mask_url(url)}: the database driver is missing ({redact(e, url)})") from None
     except Exception as e:  # sqlalchemy / optuna: an unreachable host, a bad URL, an unwritable file
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise TuneloopError(f"--storage {mask_url(url)}: cannot open the study storage: {redact(first, url)}") from None
+
+
+def queue_locked_storage(url: str, **kwargs):
+    """Optuna's RDBStorage; on SQLite, starting a WAITING trial (an enqueued retry) is made atomic between workers.
+
+    Optuna claims a queued trial with SELECT ... FOR UPDATE, which SQLite ignores: two workers starting at once
+    could both read the retry as WAITING and both run it, into one trial folder. A file lock beside the database
+    around that one check-and-set lets exactly one of them have it; other databases lock the row themselves."""
+    optuna = _optuna()
+    from optuna.storages import RDBStorage
+
+    db = sqlite_path(url)
+    if db is None:
+        return RDBStorage(url, **kwargs)
+    from filelock import FileLock
+
+    class QueueLockedStorage(RDBStorage):
+        def set_trial_state_values(self, trial_id, state, values=None) -> bool:
+            if state != optuna.trial.TrialState.RUNNING:
+                return super().set_trial_state_values(trial_id, state, values)
+            with FileLock(str(db) + ".queue.lock"):
+                if self.get_trial(trial_id).state != optuna.trial.TrialState.WAITING:
+                    return False  # another worker has started it
+                return super().set_trial_state_values(trial_id, state, values)
+
+    return QueueLockedStorage(url, **kwargs)
 
 
 def count_finished(study) -> int:
