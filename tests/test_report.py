@@ -113,3 +113,33 @@ def test_report_of_an_unfinished_run_with_a_torn_last_line(finished_run, tmp_pat
     html = (run / "report.html").read_text()
     steps = [json.loads(l)["step"] for l in (finished_run / "metrics.jsonl").read_text().splitlines()]
     assert "learning curves" in html.lower() and max(steps) < 99
+
+
+def test_predictions_come_from_the_last_evaluation_without_another_pass(tiny_model_dir, mrpc_slice, tmp_path, monkeypatch):
+    import tuneloop.evaluate
+
+    passes, real = [], tuneloop.evaluate.predict_batches
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        yield from real(*args, **kwargs)
+
+    monkeypatch.setattr(tuneloop.evaluate, "predict_batches", counted)
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_model_dir, mrpc_slice, out, "--epochs", "2")) == 0
+    assert len(passes) == 2  # the two epochs' evaluations; predictions.jsonl took the second one's rows
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()[1:]]
+    dev = [line.split("\t")[0] for line in (mrpc_slice / "dev.tsv").read_text(encoding="utf-8-sig").splitlines()[1:]]
+    names = ["not_equivalent", "equivalent"]
+    assert sorted(r["index"] for r in rows) == list(range(40))
+    assert all(names.index(r["label"]) == int(dev[r["index"]]) for r in rows)  # each row is its own example
+    accuracy = sum(r["label"] == r["prediction"] for r in rows) / len(rows)
+    assert accuracy == pytest.approx(json.loads((out / "eval_results.json").read_text())["accuracy"])
+
+    # A temperature folded in after the last evaluation changes every confidence: then one pass more.
+    passes.clear()
+    assert main(tiny_args(tiny_model_dir, mrpc_slice, tmp_path / "calibrated", "--epochs", "2", "--calibrate")) == 0
+    assert len(passes) == 3
+    calibrated = {r["index"]: r["confidence"] for r in (json.loads(line) for line in
+                  (tmp_path / "calibrated" / "predictions.jsonl").read_text().splitlines()[1:])}
+    assert calibrated != {r["index"]: r["confidence"] for r in rows}

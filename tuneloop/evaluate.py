@@ -76,9 +76,10 @@ def predict_batches(model, dataloader, accelerator, is_regression: bool, thresho
 
 
 def evaluate(model, dataloader, accelerator, metrics: tuple[str, ...], is_regression: bool,
-             label_names: list[str] | None = None, aggregation: str = "mean") -> dict[str, float]:
+             label_names: list[str] | None = None, aggregation: str = "mean", rows: list | None = None) -> dict[str, float]:
     """Loss and task metrics over one labelled split (with `label_names`, also macro-F1 and per-class
-    precision/recall); identical for 1 or N processes."""
+    precision/recall); identical for 1 or N processes. Given a list, `rows` gets each gathered batch's
+    (predictions, scores, labels) on the CPU, so the run's predictions.jsonl needs no second pass."""
     from tuneloop.problems import per_class_metrics
 
     if "doc" in dataloader.dataset.column_names:  # windows of long documents: one row per document
@@ -87,6 +88,8 @@ def evaluate(model, dataloader, accelerator, metrics: tuple[str, ...], is_regres
     all_preds, all_labels, loss_total, count = [], [], 0.0, 0
     was_training = model.training
     for preds, _scores, labels, per_example_loss in predict_batches(model, dataloader, accelerator, is_regression):
+        if rows is not None:
+            rows.append((preds.cpu(), _scores.cpu(), labels.cpu()))
         all_preds.append(preds.cpu().numpy())
         all_labels.append(labels.cpu().numpy())
         loss_total += per_example_loss.double().sum().item()

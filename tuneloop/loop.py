@@ -71,14 +71,19 @@ class Run:
     best_weights: dict[str, torch.Tensor] | None = None  # CPU copy for load_best_model when no checkpoint has them
     loss: Callable[[torch.nn.Module, dict], torch.Tensor] = model_loss
     class_weights: list[float] | None = None
+    last_dev_rows: tuple[int, list] | None = None  # (step, batches) of the last evaluation's first split
 
 
 def run_evaluation(run: Run) -> dict[str, float]:
     """Metrics of every evaluation split; the first split's names are unprefixed."""
     results = {}
     for i, (split, dataloader) in enumerate(run.eval_dataloaders.items()):
+        rows = [] if i == 0 else None  # kept for predictions.jsonl (tuneloop.report.dev_predictions)
         metrics = evaluate(run.model, dataloader, run.accelerator, run.metrics, run.is_regression,
-                           run.raw.label_names if run.raw is not None else None, run.config.data.chunk_aggregation)
+                           run.raw.label_names if run.raw is not None else None, run.config.data.chunk_aggregation,
+                           rows=rows)
+        if rows is not None:
+            run.last_dev_rows = (run.state.step, rows)
         prefix = "" if i == 0 else f"{split}_"
         results.update({f"{prefix}{k}": v for k, v in metrics.items()})
     return results

@@ -350,19 +350,21 @@ def _train(config: Config, hooks: list | None) -> dict[str, float]:
     thresholds = tune_thresholds(run) if config.eval.tune_thresholds else None  # stored in the model's config
     if thresholds is not None:
         results = {**results, **thresholds_summary(thresholds)}
+    model_changed = bool(calibration or thresholds) or (config.eval.load_best_model and state.best_step != state.step)
     write_outputs(run, out, {**results, "step": state.step, "epoch": state.epoch, **best}, seconds,
-                  {"calibration.json": calibration, "thresholds.json": thresholds})
+                  {"calibration.json": calibration, "thresholds.json": thresholds}, model_changed)
     end_training(run)
     if accelerator.is_main_process and config.output.push_to_hub:
         push_to_hub(out / "model", config.output.push_to_hub)
     return results
 
 
-def write_outputs(run: Run, out: Path, final: dict[str, Any], seconds: float, records: dict[str, dict | None]) -> None:
+def write_outputs(run: Run, out: Path, final: dict[str, Any], seconds: float, records: dict[str, dict | None],
+                  model_changed: bool = False) -> None:
     """The finished run's files: model, eval_results, curves, predictions, summary, card (and the records of
     calibration and threshold tuning, where they ran)."""
     if run.eval_dataloaders:
-        predictions = dev_predictions(run)  # every process takes part in the gathers
+        predictions = dev_predictions(run, model_changed)  # every process takes part in any gathers
     if not run.accelerator.is_main_process:
         return
     save_model(run, out)

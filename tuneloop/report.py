@@ -28,8 +28,11 @@ NUM_MISTAKES = 20
 # Written by a run
 
 
-def dev_predictions(run) -> dict[str, Any]:
-    """Per-example predictions on the first evaluation split, in the split's own order. Called on every process."""
+def dev_predictions(run, model_changed: bool = False) -> dict[str, Any]:
+    """Per-example predictions on the first evaluation split, in the split's own order. Called on every process.
+
+    They are the last evaluation's when it ran at the final step and the model has not changed since (best
+    weights loaded, temperature folded in, thresholds stored); otherwise one more pass over the split."""
     import torch
 
     from tuneloop.evaluate import predict_batches
@@ -44,12 +47,13 @@ def dev_predictions(run) -> dict[str, Any]:
         return {"split": split, "rows": rows, "frame": run.raw.splits[split], "label_names": run.raw.label_names}
     lengths = dataloader.dataset["length"]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # the evaluation sampler's order
-    preds, scores, labels = [], [], []
-    for p, s, y, _ in predict_batches(run.model, dataloader, run.accelerator, run.is_regression):
-        preds.append(p.cpu())
-        scores.append(s.cpu())
-        labels.append(y.cpu())
-    preds, scores, labels = (torch.cat(t).tolist() for t in (preds, scores, labels))
+    last = run.last_dev_rows
+    if last is not None and last[0] == run.state.step and not model_changed:
+        batches = last[1]
+    else:
+        batches = [(p.cpu(), s.cpu(), y.cpu()) for p, s, y, _ in
+                   predict_batches(run.model, dataloader, run.accelerator, run.is_regression)]
+    preds, scores, labels = (torch.cat([b[i] for b in batches]).tolist() for i in range(3))
     by_index = sorted(zip(order, preds, scores, labels))
     return {"split": split, "rows": by_index, "frame": run.raw.splits[split], "label_names": run.raw.label_names}
 
