@@ -87,11 +87,12 @@ def evaluate(model, dataloader, accelerator, metrics: tuple[str, ...], is_regres
 
     all_preds, all_labels, loss_total, count = [], [], 0.0, 0
     was_training = model.training
-    for preds, _scores, labels, per_example_loss in predict_batches(model, dataloader, accelerator, is_regression):
+    for preds, scores, labels, per_example_loss in predict_batches(model, dataloader, accelerator, is_regression):
+        preds, labels = preds.cpu(), labels.cpu()
         if rows is not None:
-            rows.append((preds.cpu(), _scores.cpu(), labels.cpu()))
-        all_preds.append(preds.cpu().numpy())
-        all_labels.append(labels.cpu().numpy())
+            rows.append((preds, scores.cpu(), labels))
+        all_preds.append(preds.numpy())
+        all_labels.append(labels.numpy())
         loss_total += per_example_loss.double().sum().item()
         count += per_example_loss.numel()
     if was_training:

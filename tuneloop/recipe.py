@@ -350,21 +350,21 @@ def _train(config: Config, hooks: list | None) -> dict[str, float]:
     thresholds = tune_thresholds(run) if config.eval.tune_thresholds else None  # stored in the model's config
     if thresholds is not None:
         results = {**results, **thresholds_summary(thresholds)}
-    model_changed = bool(calibration or thresholds) or (config.eval.load_best_model and state.best_step != state.step)
+    if calibration or thresholds or (config.eval.load_best_model and state.best_step != state.step):
+        run.last_dev_rows = None  # the model changed after its last evaluation: predictions.jsonl needs a new pass
     write_outputs(run, out, {**results, "step": state.step, "epoch": state.epoch, **best}, seconds,
-                  {"calibration.json": calibration, "thresholds.json": thresholds}, model_changed)
+                  {"calibration.json": calibration, "thresholds.json": thresholds})
     end_training(run)
     if accelerator.is_main_process and config.output.push_to_hub:
         push_to_hub(out / "model", config.output.push_to_hub)
     return results
 
 
-def write_outputs(run: Run, out: Path, final: dict[str, Any], seconds: float, records: dict[str, dict | None],
-                  model_changed: bool = False) -> None:
+def write_outputs(run: Run, out: Path, final: dict[str, Any], seconds: float, records: dict[str, dict | None]) -> None:
     """The finished run's files: model, eval_results, curves, predictions, summary, card (and the records of
     calibration and threshold tuning, where they ran)."""
     if run.eval_dataloaders:
-        predictions = dev_predictions(run, model_changed)  # every process takes part in any gathers
+        predictions = dev_predictions(run)  # every process takes part in any gathers
     if not run.accelerator.is_main_process:
         return
     save_model(run, out)

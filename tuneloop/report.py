@@ -28,11 +28,11 @@ NUM_MISTAKES = 20
 # Written by a run
 
 
-def dev_predictions(run, model_changed: bool = False) -> dict[str, Any]:
+def dev_predictions(run) -> dict[str, Any]:
     """Per-example predictions on the first evaluation split, in the split's own order. Called on every process.
 
-    They are the last evaluation's when it ran at the final step and the model has not changed since (best
-    weights loaded, temperature folded in, thresholds stored); otherwise one more pass over the split."""
+    They are the last evaluation's when it ran at the final step (the recipe drops them when the model changed
+    after it); otherwise one more pass over the split."""
     import torch
 
     from tuneloop.evaluate import predict_batches
@@ -48,7 +48,7 @@ def dev_predictions(run, model_changed: bool = False) -> dict[str, Any]:
     lengths = dataloader.dataset["length"]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # the evaluation sampler's order
     last = run.last_dev_rows
-    if last is not None and last[0] == run.state.step and not model_changed:
+    if last is not None and last[0] == run.state.step:
         batches = last[1]
     else:
         batches = [(p.cpu(), s.cpu(), y.cpu()) for p, s, y, _ in
