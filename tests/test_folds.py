@@ -30,6 +30,22 @@ def _train_labels(data_dir, n):
     return [names[line.split("\t")[0]] for line in lines]
 
 
+PAUSE_IN_FOLD_1 = """
+import pathlib, sys, time
+import tuneloop.loop as loop
+original = loop.save_checkpoint
+def save_then_pause_in_fold_1(run, metric=None):
+    path = original(run, metric)
+    if "fold-1" in path.parts:
+        pathlib.Path(sys.argv[-1]).write_text("fold 1 has a checkpoint")
+        time.sleep(120)
+    return path
+loop.save_checkpoint = save_then_pause_in_fold_1
+from tuneloop.cli import main
+sys.exit(main(sys.argv[1:-1]))
+"""
+
+
 def test_killed_k_fold_run_continues_and_equals_an_uninterrupted_one(tiny_model_dir, mrpc_slice, tmp_path, capsys):
     from sklearn.metrics import accuracy_score, f1_score
 
@@ -52,15 +68,20 @@ def test_killed_k_fold_run_continues_and_equals_an_uninterrupted_one(tiny_model_
     assert summary["out_of_fold"]["accuracy"] == pytest.approx(accuracy_score(y, p))
     assert summary["out_of_fold"]["f1"] == pytest.approx(f1_score(y, p, pos_label="equivalent"))
 
-    # Killed while fold 1 trains (it has a checkpoint), then the same command again.
-    killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "tuneloop", *tiny_args(tiny_model_dir, mrpc_slice, killed, *flags)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    # Killed while fold 1 trains (it has a checkpoint), then the same command again. The first run holds still
+    # after fold 1's first checkpoint (PAUSE_IN_FOLD_1), so the kill lands there however loaded the machine is.
+    killed, marker = tmp_path / "killed", tmp_path / "marker"
+    args = tiny_args(tiny_model_dir, mrpc_slice, killed, *flags)
+    proc = subprocess.Popen([sys.executable, "-c", PAUSE_IN_FOLD_1, *args, str(marker)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ})
     deadline = time.time() + 300
-    while not list((killed / "fold-1" / "checkpoints").glob("*/manifest.json")) and time.time() < deadline:
+    while not marker.exists():
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()[-2000:]
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    cmd = [sys.executable, "-m", "tuneloop", *args]
     assert (killed / "fold-0" / "eval_results.json").is_file() and not (killed / "fold-2").exists()
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ})
     assert rerun.returncode == 0, rerun.stderr
