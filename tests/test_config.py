@@ -42,6 +42,8 @@ def test_null_flag_and_booleans():
     ({"optim": {"embeddings": "frozen"}}, "optim.embeddings: 'frozen' is not one of train, freeze (did you mean 'freeze'?)"),
     ({"model": {"reinit_layers": -1}}, "model.reinit_layers: must not be negative, got -1"),
     ({"model": {"reinit_layers": 1}, "peft": {"method": "lora"}}, "model.reinit_layers: re-initialised layers must train"),
+    ({"optim": {"freeze_layers": -2}}, "optim.freeze_layers: must not be negative, got -2"),
+    ({"optim": {"freeze_layers": 1}, "peft": {"method": "lora"}}, "optim.freeze_layers: --peft lora already freezes"),
 ])
 def test_invalid_config_names_the_key(raw, message):
     with pytest.raises(ConfigError) as e:

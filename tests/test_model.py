@@ -210,6 +210,34 @@ def test_reinit_more_layers_than_the_model_has_is_one_clear_error(tiny_model_dir
         reinit_top_layers(build_model(str(tiny_model_dir), ["no", "yes"]), 3)
 
 
+def test_frozen_bottom_layers_get_no_gradient_and_backward_stops_above_them(tiny_model_dir):
+    from tuneloop.model import freeze_bottom_layers
+
+    model = build_model(str(tiny_model_dir), ["no", "yes"])
+    bottom = model.bert.encoder.layer[0]
+    expected = (sum(p.numel() for p in model.bert.embeddings.parameters())
+                + sum(p.numel() for p in bottom.parameters()))
+    assert freeze_bottom_layers(model, 1) == expected
+    # What reaches the top layer must need no gradient: then autograd does no backward below it at all.
+    seen = {}
+    model.bert.encoder.layer[1].register_forward_pre_hook(lambda _, args: seen.update(needs_grad=args[0].requires_grad))
+    out = model(input_ids=torch.tensor([[101, 2000, 2001, 102]]), labels=torch.tensor([1]))
+    out.loss.backward()
+    assert seen == {"needs_grad": False}
+    for name, p in model.named_parameters():
+        low = name.startswith(("bert.embeddings.", "bert.encoder.layer.0."))
+        assert (p.grad is None) == low, name
+
+
+def test_freezing_more_layers_than_can_train_is_one_clear_error(tiny_model_dir):
+    from tuneloop.model import apply_layer_options
+
+    with pytest.raises(TuneloopError, match="optim.freeze_layers: the model has 2 encoder layers, cannot freeze 3$"):
+        apply_layer_options(build_model(str(tiny_model_dir), ["no", "yes"]), 0, "train", freeze_layers=3)
+    with pytest.raises(TuneloopError, match="cannot freeze 2 with 1 re-initialised on top"):
+        apply_layer_options(build_model(str(tiny_model_dir), ["no", "yes"]), 1, "train", freeze_layers=2)
+
+
 def test_layer_depths_of_bert_names():
     from tuneloop.model import layer_depth
 

@@ -155,6 +155,21 @@ def test_frozen_word_embeddings_stay_bitwise_and_have_no_optimizer_state(tiny_mo
     assert all(s["exp_avg"].shape != after[word].shape for s in state.values())
 
 
+def test_frozen_bottom_layer_run_trains_only_above_it(tiny_model_dir, mrpc_slice, tmp_path):
+    out = tmp_path / "frozen-layer"
+    c = _config(tiny_model_dir, mrpc_slice, out)
+    c.optim.freeze_layers = 1
+    tuneloop.train(c)
+    before, after = load_file(str(tiny_model_dir / "model.safetensors")), _weights(out)
+    low = [k for k in before if k.startswith(("bert.embeddings.", "bert.encoder.layer.0."))]
+    assert low and all(torch.equal(after[k], before[k]) for k in low)
+    assert not torch.equal(after["bert.encoder.layer.1.output.dense.weight"],
+                           before["bert.encoder.layer.1.output.dense.weight"])
+    ckpt = sorted((out / "checkpoints").iterdir())[-1]
+    state = torch.load(ckpt / "optimizer.bin", weights_only=False)["state"]
+    assert len(state) == sum(1 for k in after if k not in low and "position_ids" not in k)
+
+
 def test_reinit_layers_run_is_seeded_and_recorded(tiny_model_dir, mrpc_slice, tmp_path):
     import yaml
 

@@ -116,6 +116,11 @@ class OptimConfig:
     # frozen, backward computes no dense gradient for it and AdamW keeps no state for it.
     embeddings: Literal["train", "freeze"] = setting("train", "train the word embeddings, or freeze them (no gradient, no "
                                                          "optimizer state; position and type embeddings still train)")
+    # Below the lowest trainable layer nothing needs a gradient, so backward stops there: freezing the bottom
+    # N of L layers skips N/L of the encoder's backward, not only their weight gradients (Lee et al. 2019,
+    # "What would Elsa do?": the bottom layers change least in fine-tuning).
+    freeze_layers: int = setting(0, "freeze every embedding and the bottom N encoder layers (no gradient, no optimizer "
+                                 "state; backward stops at layer N + 1); 0: every layer trains")
 
 
 @dataclass
@@ -542,6 +547,8 @@ def validate_optim(o: OptimConfig) -> None:
 
     if o.learning_rate <= 0:
         raise ConfigError(f"optim.learning_rate: must be positive, got {o.learning_rate}")
+    if o.freeze_layers < 0:  # more layers than the model has is checked at setup, with the model
+        raise ConfigError(f"optim.freeze_layers: must not be negative, got {o.freeze_layers}")
     if o.layer_decay is not None and not 0 < o.layer_decay <= 1:
         raise ConfigError(f"optim.layer_decay: must be in (0, 1] or null, got {o.layer_decay}")
     if o.weight_decay < 0:
@@ -617,6 +624,8 @@ def validate_peft(config: Config) -> None:
     if config.model.reinit_layers and p.method != "none":
         raise ConfigError(f"model.reinit_layers: re-initialised layers must train, but --peft {p.method} "
                           "freezes them; use 0 with adapters")
+    if o.freeze_layers and p.method != "none":
+        raise ConfigError(f"optim.freeze_layers: --peft {p.method} already freezes every base layer; use 0 with adapters")
     if p.method == "none":
         if p.merge_adapter:
             raise ConfigError("peft.merge_adapter: there is no adapter to merge; add --peft lora (or adalora)")

@@ -222,8 +222,27 @@ def freeze_word_embeddings(model) -> int:
     return weight.numel()
 
 
-def apply_layer_options(model, reinit_layers: int, embeddings: str) -> None:
-    """model.reinit_layers and optim.embeddings, on a freshly loaded model (before adapters wrap it)."""
+def freeze_bottom_layers(model, n: int, reinit_layers: int = 0) -> int:
+    """No gradient for any embedding nor the bottom `n` encoder layers, so that the lowest trainable layer's
+    input needs none and backward stops there; returns how many parameters froze."""
+    if n == 0:
+        return 0
+    layers_name, layers = encoder_layers(model)
+    if n + reinit_layers > len(layers):
+        raise TuneloopError(f"optim.freeze_layers: the model has {len(layers)} encoder layers, cannot freeze {n}"
+                            + (f" with {reinit_layers} re-initialised on top (they must train)" if reinit_layers else ""))
+    frozen = 0
+    for name, p in model.named_parameters():
+        if layer_depth(name, layers_name, len(layers)) <= n:
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen
+
+
+def apply_layer_options(model, reinit_layers: int, embeddings: str, freeze_layers: int = 0) -> None:
+    """model.reinit_layers, optim.embeddings and optim.freeze_layers, on a freshly loaded model (before
+    adapters wrap it)."""
+    freeze_bottom_layers(model, freeze_layers, reinit_layers)
     reinit_top_layers(model, reinit_layers)
     if embeddings == "freeze":
         freeze_word_embeddings(model)

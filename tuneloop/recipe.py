@@ -207,7 +207,7 @@ def setup(config: Config, accelerator, state: TrainingState, log_fn) -> Run:
     model = build_model(config.model.name_or_path, raw.label_names,
                         resolve_attention(config.model.attn_implementation, accelerator.device.type),
                         attention_dropout=config.model.attention_dropout, multi_label=raw.multi_label)
-    apply_layer_options(model, config.model.reinit_layers, config.optim.embeddings)
+    apply_layer_options(model, config.model.reinit_layers, config.optim.embeddings, config.optim.freeze_layers)
     remember_long_text(model.config, config.data)  # `tuneloop predict` reads long inputs the same way
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
