@@ -37,14 +37,18 @@ $(VENV)/bin/python:
 train: install
 	$(ENV_PYTHON) -m tuneloop train --config fast --task mrpc --data-dir $(DATA) --output-dir $(OUT) --overwrite
 
+# Two pytest workers (pytest-xdist): most of the suite's time is `tuneloop` subprocesses importing torch, which
+# overlap on two cores; one worker took 19 minutes on a 2-core VM. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+
 test: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(ENV_PYTHON) -m pytest -q
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(ENV_PYTHON) -m pytest -q -n $(TEST_WORKERS)
 
 # The suite with the lowest torch, transformers, accelerate and datasets pyproject.toml allows, in a fresh
 # virtual environment (git-ignored): proves the lower bounds. torch from PyPI is a CUDA build (~3 GB with its
 # nvidia wheels); it runs on CPUs.
 test-min: $(VENV_MIN)/.installed
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH= $(VENV_MIN)/bin/python -m pytest -q
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH= $(VENV_MIN)/bin/python -m pytest -q -n $(TEST_WORKERS)
 
 # Rebuilt from nothing whenever the lowest versions or the dependencies change.
 $(VENV_MIN)/.installed: constraints-min.txt pyproject.toml
