@@ -101,6 +101,21 @@ def test_int8_is_smaller_and_close_but_really_quantised(onnx_dir, onnx_int8_dir,
     assert [r["score"] for r in on_load] == pytest.approx([r["score"] for r in int8], abs=1e-6)
 
 
+def test_int8_quantises_the_top_half_of_the_layers_attention_and_every_linear_layer(onnx_dir, onnx_int8_dir):
+    import onnx
+    from collections import Counter
+
+    layers = json.loads((onnx_dir / "config.json").read_text())["num_hidden_layers"]
+    fp32 = onnx.load(str(onnx_dir / "model.onnx"))
+    weights = {i.name for i in fp32.graph.initializer}
+    attention = [n for n in fp32.graph.node if n.op_type == "Attention"]
+    assert len(attention) == layers and all(n.input[1] in weights for n in attention)
+    assert not any(a.name == "qkv_hidden_sizes" for n in attention for a in n.attribute)
+    ops = Counter(n.op_type for n in onnx.load(str(onnx_int8_dir / "model.onnx")).graph.node)
+    assert ops["Attention"] == layers // 2 and ops["QAttention"] == layers - layers // 2
+    assert ops["MatMul"] == 0 and ops["MatMulInteger"] > 0
+
+
 def test_an_adapter_is_merged_before_export(tiny_model_dir, tmp_path, rows):
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -6,7 +6,9 @@ dependency pinned to its own transformers range, while torch's exporter comes wi
 already runs on and traces the very model `predict` runs (adapters merged, the same attention code).
 The graph has dynamic batch and sequence axes and one output, `logits`. int8 is ONNX Runtime's own
 dynamic quantisation (`onnxruntime.quantization.quantize_dynamic`: int8 weights, one scale per output
-channel as in `predict --quantize int8`, activations quantised per batch).
+channel as in `predict --quantize int8`, activations quantised per batch) of every linear layer and of the
+fused attention's Q|K|V projection in the top half of the layers (the bottom half's stays fp32: see
+`attention_kept_in_fp32`).
 
 An exported folder holds `model.onnx`, `config.json` (label names, problem type), the tokenizer files and
 every other settings file of the source folder, so it predicts with onnxruntime, numpy and tokenizers alone.
@@ -98,8 +100,58 @@ def export_graph(model, tokenizer, target: Path) -> list[str]:
     from onnxscript.rewriter import ort_fusions
 
     fused, _ = ort_fusions.optimize_for_ort(program.model)
-    ir.save(fused, str(target))
+    ir.save(quantizable_attention(add_and_layer_norm(fused)), str(target))
     return input_names
+
+
+def add_and_layer_norm(model):
+    """Each fused SkipLayerNormalization (x + skip + bias, then LayerNorm) back to Add, Add, LayerNormalization.
+
+    ONNX Runtime's LayerNormalization kernel is the faster here: on the default model's MRPC run (408 dev pairs,
+    batch 32, 2-core Xeon) 1.12x the fp32 graph's pairs/s and 1.22x the int8 graph's, side by side, with the
+    same logits (within 1e-5 of torch). Only nodes whose mean and variance outputs are unused are rewritten."""
+    from onnxscript import ir
+
+    for node in list(model.graph):
+        if node.op_type != "SkipLayerNormalization" or any(out.uses() for out in node.outputs[1:]):
+            continue
+        x, skip, gamma, beta, *bias = node.inputs
+        total = ir.node("Add", [x, skip])
+        steps = [total] + ([ir.node("Add", [total.outputs[0], bias[0]])] if bias and bias[0] is not None else [])
+        epsilon = node.attributes["epsilon"].as_float() if "epsilon" in node.attributes else 1e-12
+        norm = ir.node("LayerNormalization", [steps[-1].outputs[0], gamma, beta], {"axis": -1, "epsilon": epsilon})
+        model.graph.insert_before(node, steps + [norm])
+        node.outputs[0].replace_all_uses_with(norm.outputs[0], replace_graph_outputs=True)
+        model.graph.remove(node, safe=True)
+    return model
+
+
+def quantizable_attention(model):
+    """Each fused Attention with its packed Q|K|V weight as one initializer and no `qkv_hidden_sizes`: ONNX
+    Runtime's quantiser makes a QAttention only of such nodes, and leaves the others in fp32. Both changes keep
+    the model's arithmetic: the weight is a Concat of initializers, and equal sizes are the attribute's default."""
+    from onnxscript import optimizer
+
+    optimizer.fold_constants(model, input_size_limit=2**31, output_size_limit=2**31)
+    optimizer.remove_unused_nodes(model)
+    for node in model.graph:
+        sizes = node.attributes.get("qkv_hidden_sizes")
+        if node.op_type == "Attention" and sizes is not None and len(set(sizes.as_ints())) == 1:
+            del node.attributes["qkv_hidden_sizes"]
+    return model
+
+
+def attention_kept_in_fp32(path: Path) -> list[str]:
+    """The Attention nodes of the bottom half of the layers, which int8 leaves in fp32.
+
+    Measured on the default model's MRPC run (408 dev pairs, batch 32, 2-core Xeon): int8 attention in every
+    layer predicted 2.4x torch fp32's pairs/s but agreed with fp32 on 95.1% of pairs (dev accuracy -1.5
+    points); the bottom layers' attention inputs were the sensitive ones (leaving layer 0 or 2 in fp32 cut the
+    logits' mean error most), and with layers 0-2 in fp32 it ran at 2.0x, agreeing on 97.3% (-0.2 points)."""
+    import onnx
+
+    nodes = [n.name for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == "Attention"]
+    return nodes[: len(nodes) // 2]
 
 
 def quantize_int8(source: Path, target: Path) -> None:
@@ -110,7 +162,8 @@ def quantize_int8(source: Path, target: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     logging.getLogger("root").setLevel(logging.ERROR)  # its advice to run pre-processing first, on every call
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                     nodes_to_exclude=attention_kept_in_fp32(source))
 
 
 def copy_settings(source: Path, target: Path) -> None:
