@@ -3,7 +3,7 @@
     HF_HUB_OFFLINE=1 python benchmarks/serving.py --model-dir runs/mrpc/model            # the full run
     HF_HUB_OFFLINE=1 python benchmarks/serving.py --model-dir runs/mrpc/model --quick    # a few minutes
 
-Prediction rows (MRPC dev, batch 32, each variant loaded once and warmed up): torch fp32, torch int8
+Prediction rows (MRPC dev, batch 32, each variant loaded and warmed up, then timed in turns): torch fp32, torch int8
 (`predict --quantize int8`), ONNX Runtime fp32 and int8 (`export --format onnx [--quantize int8]`): dev
 accuracy, F1, predictions/s, model size; plus the largest |logit| difference of ORT fp32 from torch.
 Serving rows: `tuneloop serve` in a subprocess, a real HTTP client (httpx, asyncio) on localhost sending
@@ -44,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clients", default="1,8,32", help="concurrent clients per serving point")
     p.add_argument("--serve-runtime", default="torch", choices=("torch", "onnx"),
                    help="the runtime `tuneloop serve` runs with (onnx: on the int8 export)")
-    p.add_argument("--repeats", type=int, default=3, help="timed passes over dev per prediction row (median)")
+    p.add_argument("--repeats", type=int, default=5, help="timed passes over dev per prediction row, taken in turns "
+                   "across the rows (median)")
     args = p.parse_args(argv)
     if args.quick:
         args.requests, args.rss_requests, args.repeats = 100, 500, 1
@@ -84,20 +85,27 @@ def prediction_rows(args, fp32_dir: Path, int8_dir: Path) -> tuple[list[dict], f
     df, gold = dev_pairs(args.data_dir, 64 if args.quick else None)
     variants = [("torch fp32", args.model_dir, "torch", None), ("torch int8", args.model_dir, "torch", "int8"),
                 ("ORT fp32", fp32_dir, "onnx", None), ("ORT int8", int8_dir, "onnx", None)]
-    rows, logits = [], {}
+    # Every variant loaded and warmed up first, then timed in turns (one pass each, `--repeats` rounds): a drift
+    # of the machine's speed during the run then falls on all four alike instead of on one row's ratio.
+    loaded = {}
     for name, folder, runtime, quantize in variants:
         model, tokenizer = load_for_prediction(str(folder), quantize, runtime)
         predict_with(model, tokenizer, df.head(32))  # warm-up: kernel choice, allocator, ORT's first run
-        seconds = []
-        for _ in range(args.repeats):
+        loaded[name] = model, tokenizer
+    seconds, outs = {name: [] for name in loaded}, {}
+    for _ in range(args.repeats):
+        for name, (model, tokenizer) in loaded.items():
             start = time.perf_counter()
-            out = predict_with(model, tokenizer, df)
-            seconds.append(time.perf_counter() - start)
+            outs[name] = predict_with(model, tokenizer, df)
+            seconds[name].append(time.perf_counter() - start)
+    rows, logits = [], {}
+    for name, folder, runtime, quantize in variants:
+        model, tokenizer = loaded[name]
         size = (torch_int8_mb(model) if quantize else
                 sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) / 2**20) if runtime == "torch" \
             else (Path(folder) / "model.onnx").stat().st_size / 2**20
-        rows.append({"row": name, **scores(out, gold, model.config.label2id), "predictions_per_second":
-                     len(df) / statistics.median(seconds), "seconds": seconds, "model_mb": size})
+        rows.append({"row": name, **scores(outs[name], gold, model.config.label2id), "predictions_per_second":
+                     len(df) / statistics.median(seconds[name]), "seconds": seconds[name], "model_mb": size})
         if quantize is None and name.endswith("fp32"):
             batch = tokenizer(df.text.tolist(), df.text_pair.tolist(), padding=True, truncation=True,
                               max_length=512, return_tensors="pt")
