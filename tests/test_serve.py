@@ -249,6 +249,57 @@ def test_runtime_onnx_on_a_folder_without_onnx_is_one_line(tiny_model_dir):
         f"--model-dir {tiny_model_dir} --output-dir DIR --format onnx"]
 
 
+@pytest.fixture(scope="module")
+def tiny_onnx_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    pytest.importorskip("onnxruntime")
+    from tuneloop.onnx_export import export_onnx
+
+    return export_onnx(str(tiny_model_dir), str(tmp_path_factory.mktemp("serve-onnx") / "fp32"))
+
+
+def test_runtime_onnx_serves_what_predict_runtime_onnx_gives(tiny_onnx_dir, rows, tmp_path):
+    srv = Server(tiny_onnx_dir, tmp_path / "server.log", "--runtime", "onnx")
+    try:
+        expected = list(predict_rows(str(tiny_onnx_dir), rows.head(6), runtime="onnx"))
+        got = srv.post([{"text": a, "text_pair": b} for a, b in zip(rows.text[:6], rows.text_pair[:6])])
+        assert got.status_code == 200
+        assert [r["label"] for r in got.json()] == [r["label"] for r in expected]
+        assert [r["score"] for r in got.json()] == pytest.approx([r["score"] for r in expected], abs=1e-6)
+        assert srv.metadata()["runtime"] == "onnx"
+    finally:
+        assert srv.stop() == 0, srv.log.read_text()[-3000:]
+
+
+@pytest.mark.parametrize("batch, preset, expected", [("32", None, "PASSIVE"), ("1", None, None),
+                                                     ("32", "ACTIVE", "ACTIVE")])
+def test_batching_makes_torchs_threads_sleep_between_batches_unless_the_user_said(tiny_model_dir, batch, preset,
+                                                                                  expected):
+    # A fresh process: OpenMP reads OMP_WAIT_POLICY once, so load_model must set it before torch is imported.
+    code = ("import os, sys; from tuneloop.serve import ServeSettings, load_model; before = 'torch' in sys.modules; "
+            "load_model(ServeSettings(model_dir=sys.argv[1], max_batch_size=int(sys.argv[2]))); "
+            "print(before, os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | {"PYTHONPATH": str(REPO)}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_model_dir), batch], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False", str(expected)]
+
+
+def test_batching_makes_onnx_runtimes_threads_sleep_between_batches(tiny_onnx_dir, monkeypatch):
+    from tuneloop.serve import ServeSettings, load_model
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # load_model sets it; undone after the test
+
+    key = "session.intra_op.allow_spinning"
+    model, _ = load_model(ServeSettings(model_dir=str(tiny_onnx_dir), runtime="onnx", max_batch_size=32))
+    assert model.session.get_session_options().get_session_config_entry(key) == "0"
+    model, _ = load_model(ServeSettings(model_dir=str(tiny_onnx_dir), runtime="onnx", max_batch_size=1))
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # ONNX Runtime's default: spinning
+        model.session.get_session_options().get_session_config_entry(key)
+
+
 # ---- the try-it page in headless Chromium, driven over the DevTools protocol on a pipe (no extra package) ----
 
 class Chromium:

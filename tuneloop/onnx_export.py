@@ -242,7 +242,8 @@ def saved_quantize(model_dir: str | Path) -> str | None:
     return json.loads(info.read_text(encoding="utf-8")).get("quantize") if info.is_file() else None
 
 
-def load_onnx_model(model_dir: str, quantize: str | None = None, threads: int | None = None) -> OnnxModel:
+def load_onnx_model(model_dir: str, quantize: str | None = None, threads: int | None = None,
+                    spin: bool = True) -> OnnxModel:
     """The folder's ONNX model in an ONNX Runtime session; `quantize="int8"` quantises an fp32 one on loading."""
     ort = require_onnxruntime()
     from transformers import AutoConfig
@@ -254,6 +255,8 @@ def load_onnx_model(model_dir: str, quantize: str | None = None, threads: int | 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = folder / ONNX_FILE
     if quantize == "int8" and saved_quantize(folder) != "int8":
         with tempfile.TemporaryDirectory() as tmp:

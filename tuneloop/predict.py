@@ -55,12 +55,13 @@ def check_runtime(runtime: str) -> str:
 
 
 def load_for_prediction(model_dir: str, quantize: str | None = None, runtime: str = "torch",
-                        threads: int | None = None):
+                        threads: int | None = None, spin: bool = True):
     """(model in eval mode, tokenizer) from any saved folder; `quantize="int8"`: int8 weights and activations.
 
     `runtime="onnx"` reads the folder's ONNX model (`tuneloop export --format onnx`) into ONNX Runtime; the
     object it returns is called like a transformers model, so everything below runs unchanged on it.
-    `threads`: CPU threads per forward pass (default: the runtime's choice)."""
+    `threads`: CPU threads per forward pass (default: the runtime's choice); `spin=False`: ONNX Runtime's
+    threads sleep between forward passes instead of spinning (see `serve.load_model`)."""
     from tuneloop.export import check_quantize, load_saved_model, quantize_dynamic_int8
 
     check_quantize(quantize)
@@ -70,7 +71,7 @@ def load_for_prediction(model_dir: str, quantize: str | None = None, runtime: st
     if runtime == "onnx":
         from tuneloop.onnx_export import load_onnx_model
 
-        return load_onnx_model(path, quantize, threads), tokenizer
+        return load_onnx_model(path, quantize, threads, spin), tokenizer
     if threads:
         torch.set_num_threads(threads)
     model = load_saved_model(path).eval()
