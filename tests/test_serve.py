@@ -270,27 +270,8 @@ def test_runtime_onnx_serves_what_predict_runtime_onnx_gives(tiny_onnx_dir, rows
         assert srv.stop() == 0, srv.log.read_text()[-3000:]
 
 
-@pytest.mark.parametrize("batch, preset, expected", [("32", None, "PASSIVE"), ("1", None, None),
-                                                     ("32", "ACTIVE", "ACTIVE")])
-def test_batching_makes_torchs_threads_sleep_between_batches_unless_the_user_said(tiny_model_dir, batch, preset,
-                                                                                  expected):
-    # A fresh process: OpenMP reads OMP_WAIT_POLICY once, so load_model must set it before torch is imported.
-    code = ("import os, sys; from tuneloop.serve import ServeSettings, load_model; before = 'torch' in sys.modules; "
-            "load_model(ServeSettings(model_dir=sys.argv[1], max_batch_size=int(sys.argv[2]))); "
-            "print(before, os.environ.get('OMP_WAIT_POLICY'))")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | {"PYTHONPATH": str(REPO)}
-    if preset:
-        env["OMP_WAIT_POLICY"] = preset
-    proc = subprocess.run([sys.executable, "-c", code, str(tiny_model_dir), batch], capture_output=True, text=True,
-                          env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["False", str(expected)]
-
-
-def test_batching_makes_onnx_runtimes_threads_sleep_between_batches(tiny_onnx_dir, monkeypatch):
+def test_batching_makes_onnx_runtimes_threads_sleep_between_batches(tiny_onnx_dir):
     from tuneloop.serve import ServeSettings, load_model
-
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # load_model sets it; undone after the test
 
     key = "session.intra_op.allow_spinning"
     model, _ = load_model(ServeSettings(model_dir=str(tiny_onnx_dir), runtime="onnx", max_batch_size=32))

@@ -254,17 +254,15 @@ def describe_model(settings: ServeSettings, model, tokenizer) -> dict:
 
 
 def load_model(settings: ServeSettings):
-    """The model and tokenizer, with the runtime's threads made to sleep between batches when batching.
+    """The model and tokenizer; when batching, ONNX Runtime's threads sleep between forward passes.
 
-    Threads that spin after a forward pass hold both cores of a small machine while the event loop has the next
-    batch's requests to read. Measured at 32 clients on a 2-core Xeon (docs/serving.md): with dynamic batching,
-    sleeping threads served 70.7 vs 61.4 requests/s (torch) and 128 vs 91 (ONNX Runtime int8); one at a time,
-    spinning was the faster (39.0 vs 34.2, 117 vs 106), so `--max-batch-size 1` keeps it."""
-    spin = settings.max_batch_size == 1
-    if not spin:  # OpenMP (torch's threads) reads it once, when torch is first imported: that is below
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    Threads that spin after a forward pass hold the cores of a small machine while the event loop has the next
+    batch's requests to read. Side by side at 32 clients on a 2-core Xeon (ORT int8, 3 x 1,500 requests each,
+    docs/serving.md): 144.1 requests/s with sleeping threads, 127.5 spinning. torch's OpenMP threads gained
+    nothing from sleeping there (OMP_WAIT_POLICY=PASSIVE: 76.6 vs 77.4), so they are left as they are."""
     from tuneloop.predict import load_for_prediction
 
+    spin = settings.max_batch_size == 1
     return load_for_prediction(settings.model_dir, settings.quantize, settings.runtime, settings.threads, spin)
 
 
