@@ -267,7 +267,8 @@ def test_runtime_onnx_serves_what_predict_runtime_onnx_gives(tiny_onnx_dir, rows
         assert [r["score"] for r in got.json()] == pytest.approx([r["score"] for r in expected], abs=1e-6)
         assert srv.metadata()["runtime"] == "onnx"
     finally:
-        assert srv.stop() == 0, srv.log.read_text()[-3000:]
+        code = srv.stop()  # an assertion here would hide the one that failed above
+    assert code == 0, srv.log.read_text()[-3000:]
 
 
 def test_batching_makes_onnx_runtimes_threads_sleep_between_batches(tiny_onnx_dir):
