@@ -101,7 +101,7 @@ def test_int8_is_smaller_and_close_but_really_quantised(onnx_dir, onnx_int8_dir,
     assert [r["score"] for r in on_load] == pytest.approx([r["score"] for r in int8], abs=1e-6)
 
 
-def test_int8_quantises_the_top_half_of_the_layers_attention_and_every_linear_layer(onnx_dir, onnx_int8_dir):
+def test_int8_quantises_every_attention_and_linear_layer_and_keeps_their_padding_mask(onnx_dir, onnx_int8_dir):
     import onnx
     from collections import Counter
 
@@ -111,9 +111,51 @@ def test_int8_quantises_the_top_half_of_the_layers_attention_and_every_linear_la
     attention = [n for n in fp32.graph.node if n.op_type == "Attention"]
     assert len(attention) == layers and all(n.input[1] in weights for n in attention)
     assert not any(a.name == "qkv_hidden_sizes" for n in attention for a in n.attribute)
-    ops = Counter(n.op_type for n in onnx.load(str(onnx_int8_dir / "model.onnx")).graph.node)
-    assert ops["Attention"] == layers // 2 and ops["QAttention"] == layers - layers // 2
+    int8 = onnx.load(str(onnx_int8_dir / "model.onnx"))
+    ops = Counter(n.op_type for n in int8.graph.node)
+    assert ops["Attention"] == 0 and ops["QAttention"] == layers
     assert ops["MatMul"] == 0 and ops["MatMulInteger"] > 0
+    # QAttention's mask_index (input 5) is the graph's attention_mask: ONNX Runtime's quantiser would have
+    # dropped the exporter's additive attention_bias, and the int8 graph would have attended to padding.
+    producer = {out: n for n in int8.graph.node for out in n.output}
+    masks = {n.input[5] for n in int8.graph.node if n.op_type == "QAttention"}
+    assert len(masks) == 1 and "" not in masks
+    cast = producer[masks.pop()]
+    assert cast.op_type == "Cast" and list(cast.input) == ["attention_mask"]
+
+
+def test_the_mask_rewrite_keeps_the_fp32_logits_of_padded_rows_exactly(onnx_dir):
+    import onnxruntime as ort
+    from onnxscript import ir
+
+    from tuneloop.onnx_export import attention_mask_as_index, padded_feed
+
+    model = ir.load(str(onnx_dir / "model.onnx"))
+    layers = json.loads((onnx_dir / "config.json").read_text())["num_hidden_layers"]
+    assert len(attention_mask_as_index(model)) == layers
+    assert attention_mask_as_index(model) == []  # nothing left to rewrite
+    before = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    after = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = padded_feed(before)
+    assert feed["attention_mask"][1].tolist() == [1] * 5 + [0] * 4
+    np.testing.assert_allclose(after.run(None, feed)[0], before.run(None, feed)[0], atol=1e-6)
+    # The padded row alone, without its padding, gives the same logits: the mask really masks.
+    alone = {k: v[1:, :5] for k, v in feed.items()}
+    np.testing.assert_allclose(after.run(None, alone)[0][0], after.run(None, feed)[0][1], atol=1e-5)
+
+
+def test_an_attention_bias_that_is_not_the_padding_mask_stays_out_of_int8(onnx_dir, tmp_path, monkeypatch):
+    import onnx
+    from collections import Counter
+
+    from tuneloop import onnx_export
+
+    # As if the bias held more than padding (a causal or windowed mask): the rewrite changes the logits.
+    monkeypatch.setattr(onnx_export, "same_logits", lambda a, b: False)
+    onnx_export.quantize_int8(onnx_dir / "model.onnx", tmp_path / "model.onnx")
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node)
+    layers = json.loads((onnx_dir / "config.json").read_text())["num_hidden_layers"]
+    assert ops["Attention"] == layers and ops["QAttention"] == 0 and ops["MatMulInteger"] > 0
 
 
 def test_an_adapter_is_merged_before_export(tiny_model_dir, tmp_path, rows):
