@@ -163,7 +163,7 @@ def test_a_streamed_body_over_the_limit_is_refused(server):
 def test_health_metadata_and_openapi(server):
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     meta = server.metadata()
-    assert meta["labels"] == ["LABEL_0", "LABEL_1"] and meta["runtime"] == "torch"
+    assert meta["labels"] == ["LABEL_0", "LABEL_1"] and meta["runtime"] == "torch" and meta["precision"] == "fp32"
     assert meta["max_length"] == 512 and meta["batching"]["max_wait_ms"] == 200
     assert "/predict" in httpx.get(f"{server.url}/openapi.json").json()["paths"]
     assert httpx.get(f"{server.url}/docs").status_code == 200
@@ -280,6 +280,29 @@ def test_batching_makes_onnx_runtimes_threads_sleep_between_batches(tiny_onnx_di
     model, _ = load_model(ServeSettings(model_dir=str(tiny_onnx_dir), runtime="onnx", max_batch_size=1))
     with pytest.raises(RuntimeError, match="does not have configuration"):  # ONNX Runtime's default: spinning
         model.session.get_session_options().get_session_config_entry(key)
+
+
+def test_precision_bf16_serves_bf16_weights_in_calls_of_16_and_says_so(tiny_model_dir):
+    import torch
+
+    from tuneloop.serve import ServeSettings, describe_model, load_model
+
+    settings = ServeSettings(model_dir=str(tiny_model_dir), precision="bf16").check()
+    model, tokenizer = load_model(settings)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert describe_model(settings, model, tokenizer)["precision"] == "bf16"
+    # Model calls of 16 in bf16, 8 in fp32, unless set.
+    assert settings.model_batch_size == 16
+    assert ServeSettings(model_dir=str(tiny_model_dir)).check().model_batch_size == 8
+    assert ServeSettings(model_dir=str(tiny_model_dir), precision="bf16", model_batch_size=4).check().model_batch_size == 4
+
+
+def test_precision_bf16_with_onnx_stops_serve_with_one_line(tiny_model_dir):
+    proc = run_serve("--model-dir", str(tiny_model_dir), "--runtime", "onnx", "--precision", "bf16",
+                     "--port", str(free_port()))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "tuneloop: error: --precision bf16 runs with --runtime torch; ONNX Runtime's fast CPU path is --quantize int8"]
 
 
 # ---- the try-it page in headless Chromium, driven over the DevTools protocol on a pipe (no extra package) ----

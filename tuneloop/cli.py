@@ -129,6 +129,8 @@ def add_predict_command(sub) -> None:
     pr.add_argument("--quantize", metavar="int8", help="int8: dynamic int8 Linear layers on CPU (faster; docs/adapters.md)")
     pr.add_argument("--runtime", default="torch", metavar="torch|onnx",
                     help="torch, or onnx: ONNX Runtime on a folder from export --format onnx (default: torch)")
+    pr.add_argument("--precision", default="fp32", metavar="fp32|bf16",
+                    help="bf16: torch with bf16 weights, faster on CPUs with AVX512-BF16/AMX (default: fp32)")
     add_debug_flag(pr)
 
 
@@ -273,14 +275,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from tuneloop.export import check_quantize
-    from tuneloop.predict import check_runtime, predict
+    from tuneloop.predict import check_precision, check_runtime, predict
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: must be at least 1, got {args.batch_size}")
     check_quantize(args.quantize)
     check_runtime(args.runtime)
+    check_precision(args.precision, args.runtime, args.quantize)
     count = predict(args.model_dir, args.input, args.output, args.batch_size, quantize=args.quantize,
-                    runtime=args.runtime)
+                    runtime=args.runtime, precision=args.precision)
     if args.output:
         print(f"wrote {count} predictions to {args.output}", file=sys.stderr)
     return 0
@@ -370,7 +373,7 @@ def _unknown_option_error(argv: list[str], command: str | None) -> None:
     known = {f"--{p}" for p in field_paths()} | {f"--{n.replace('_', '-')}" for n in short_names()}
     known |= {"--config", "--print-config", "--debug", "--model-dir", "--input", "--output", "--batch-size",
               "--quantize", "--output-dir", "--overwrite", "--seeds", "--folds", "--search-space", "--storage", "--study-name",
-              "--n-trials", "--timeout", "--pruner", "--alpha", "--runtime", "--format"}
+              "--n-trials", "--timeout", "--pruner", "--alpha", "--runtime", "--format", "--precision"}
     known |= {f"--{f.replace('_', '-')}" for f in serve_flag_names()} | {"--no-access-log"}
     for token in argv:
         if token.startswith("--"):
