@@ -4,7 +4,7 @@
     HF_HUB_OFFLINE=1 python benchmarks/serving.py --model-dir runs/mrpc/model --quick    # a few minutes
 
 Prediction rows (MRPC dev, batch 32, each variant loaded and warmed up, then timed in turns): torch fp32, torch int8
-(`predict --quantize int8`), ONNX Runtime fp32 and int8 (`export --format onnx [--quantize int8]`): dev
+(`predict --quantize int8`), torch bf16 (`--precision bf16`, on CPUs with fast bf16), ONNX Runtime fp32 and int8 (`export --format onnx [--quantize int8]`): dev
 accuracy, F1, predictions/s, model size; plus the largest |logit| difference of ORT fp32 from torch.
 Serving rows: `tuneloop serve` in a subprocess, a real HTTP client (httpx, asyncio) on localhost sending
 single-pair requests from `--clients` concurrent connections, with dynamic batching (`--max-batch-size 32`)
@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clients", default="1,8,32", help="concurrent clients per serving point")
     p.add_argument("--serve-runtime", default="torch", choices=("torch", "onnx"),
                    help="the runtime `tuneloop serve` runs with (onnx: on the int8 export)")
+    p.add_argument("--serve-precision", default="fp32", choices=("fp32", "bf16"),
+                   help="`tuneloop serve --precision` for the serving rows (torch runtime)")
     p.add_argument("--repeats", type=int, default=5, help="timed passes over dev per prediction row, taken in turns "
                    "across the rows (median)")
     args = p.parse_args(argv)
@@ -68,7 +70,7 @@ def scores(rows: list[dict], gold: list[int], label2id: dict) -> dict[str, float
     return {"accuracy": accuracy_score(gold, pred), "f1": f1_score(gold, pred)}
 
 
-def torch_int8_mb(model) -> float:
+def state_mb(model) -> float:
     import torch
 
     buffer = io.BytesIO()
@@ -83,13 +85,17 @@ def prediction_rows(args, fp32_dir: Path, int8_dir: Path) -> tuple[list[dict], f
     from tuneloop.predict import load_for_prediction, predict_with
 
     df, gold = dev_pairs(args.data_dir, 64 if args.quick else None)
-    variants = [("torch fp32", args.model_dir, "torch", None), ("torch int8", args.model_dir, "torch", "int8"),
-                ("ORT fp32", fp32_dir, "onnx", None), ("ORT int8", int8_dir, "onnx", None)]
+    from tuneloop.precision import cpu_has_fast_bf16
+
+    variants = [("torch fp32", args.model_dir, "torch", None, "fp32"),
+                ("torch int8", args.model_dir, "torch", "int8", "fp32"),
+                *([("torch bf16", args.model_dir, "torch", None, "bf16")] if cpu_has_fast_bf16() else []),
+                ("ORT fp32", fp32_dir, "onnx", None, "fp32"), ("ORT int8", int8_dir, "onnx", None, "fp32")]
     # Every variant loaded and warmed up first, then timed in turns (one pass each, `--repeats` rounds): a drift
     # of the machine's speed during the run then falls on all four alike instead of on one row's ratio.
     loaded = {}
-    for name, folder, runtime, quantize in variants:
-        model, tokenizer = load_for_prediction(str(folder), quantize, runtime)
+    for name, folder, runtime, quantize, precision in variants:
+        model, tokenizer = load_for_prediction(str(folder), quantize, runtime, precision=precision)
         predict_with(model, tokenizer, df.head(32))  # warm-up: kernel choice, allocator, ORT's first run
         loaded[name] = model, tokenizer
     seconds, outs = {name: [] for name in loaded}, {}
@@ -99,14 +105,14 @@ def prediction_rows(args, fp32_dir: Path, int8_dir: Path) -> tuple[list[dict], f
             outs[name] = predict_with(model, tokenizer, df)
             seconds[name].append(time.perf_counter() - start)
     rows, logits = [], {}
-    for name, folder, runtime, quantize in variants:
+    for name, folder, runtime, quantize, precision in variants:
         model, tokenizer = loaded[name]
-        size = (torch_int8_mb(model) if quantize else
+        size = (state_mb(model) if quantize or precision != "fp32" else
                 sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) / 2**20) if runtime == "torch" \
             else (Path(folder) / "model.onnx").stat().st_size / 2**20
         rows.append({"row": name, **scores(outs[name], gold, model.config.label2id), "predictions_per_second":
                      len(df) / statistics.median(seconds[name]), "seconds": seconds[name], "model_mb": size})
-        if quantize is None and name.endswith("fp32"):
+        if name.endswith("fp32"):
             batch = tokenizer(df.text.tolist(), df.text_pair.tolist(), padding=True, truncation=True,
                               max_length=512, return_tensors="pt")
             with torch.inference_mode():
@@ -129,12 +135,13 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_server(folder: Path, runtime: str, max_batch_size: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(folder: Path, runtime: str, max_batch_size: int, log: Path,
+                 precision: str = "fp32") -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
     cmd = [sys.executable, "-m", "tuneloop", "serve", "--model-dir", str(folder), "--port", str(port),
-           "--runtime", runtime, "--max-batch-size", str(max_batch_size), "--no-access-log"]
+           "--runtime", runtime, "--max-batch-size", str(max_batch_size), "--precision", precision, "--no-access-log"]
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     url = f"http://127.0.0.1:{port}"
@@ -192,7 +199,7 @@ def serving_rows(args, folder: Path, runtime: str) -> tuple[list[dict], dict]:
     clients = [int(c) for c in args.clients.split(",")]
     rows, rss = [], {}
     for batching, size in (("dynamic batching", 32), ("one at a time", 1)):
-        proc, url = start_server(folder, runtime, size, args.work_dir / f"serve-{size}.log")
+        proc, url = start_server(folder, runtime, size, args.work_dir / f"serve-{size}.log", args.serve_precision)
         try:
             asyncio.run(load(url, bodies, 4, 64))  # warm-up
             for n in clients:
@@ -269,7 +276,8 @@ def main(argv=None) -> int:
     prediction, diff = prediction_rows(args, fp32_dir, int8_dir)
     folder, runtime = (int8_dir, "onnx") if args.serve_runtime == "onnx" else (Path(args.model_dir), "torch")
     serving, rss = serving_rows(args, folder, runtime)
-    result = {"model_dir": str(args.model_dir), "quick": args.quick, "serve_runtime": runtime, "cpus": os.cpu_count(),
+    result = {"model_dir": str(args.model_dir), "quick": args.quick, "serve_runtime": runtime,
+              "serve_precision": args.serve_precision, "cpus": os.cpu_count(),
               "prediction": prediction, "max_logit_diff": diff, "serving": serving, "rss": rss,
               "machine": machine_info(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     result["targets"] = targets(result)
