@@ -256,7 +256,10 @@ def test_data_preview_counts_each_label(tiny3, tmp_path, capsys):
 
 def test_parquet_lists_and_sequence_of_class_label_are_multi_label(tmp_path):
     import pandas as pd
-    from datasets import ClassLabel, Dataset, Features, List, Value
+    import datasets
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    List = getattr(datasets, "List", None) or datasets.Sequence  # datasets 3.x (the lowest supported) has no List
 
     from tuneloop.config import DataConfig
     from tuneloop.data import load_raw

@@ -27,7 +27,12 @@ def _config(model_dir, data_dir, out, **train):
 
 
 def _weights(out):
-    return load_file(str(out / "model" / "model.safetensors"))
+    """The saved weights by their current names: transformers 5.0.0 (the lowest supported) writes a BERT's
+    LayerNorm weight and bias under their legacy names, gamma and beta, and maps them back when loading."""
+    legacy = {".gamma": ".weight", ".beta": ".bias"}
+    weights = load_file(str(out / "model" / "model.safetensors"))
+    return {next((k[: -len(old)] + new for old, new in legacy.items() if k.endswith(old)), k): v
+            for k, v in weights.items()}
 
 
 def test_same_seed_same_weights_and_metrics(tiny_model_dir, mrpc_slice, tmp_path):
