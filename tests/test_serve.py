@@ -265,7 +265,7 @@ def test_runtime_onnx_serves_what_predict_runtime_onnx_gives(tiny_onnx_dir, rows
         assert got.status_code == 200
         assert [r["label"] for r in got.json()] == [r["label"] for r in expected]
         assert [r["score"] for r in got.json()] == pytest.approx([r["score"] for r in expected], abs=1e-6)
-        assert srv.metadata()["runtime"] == "onnx"
+        assert srv.metadata()["runtime"] == "onnx" and srv.metadata()["precision"] is None
     finally:
         code = srv.stop()  # an assertion here would hide the one that failed above
     assert code == 0, srv.log.read_text()[-3000:]

@@ -258,7 +258,8 @@ def describe_model(settings: ServeSettings, model, tokenizer) -> dict:
     config = model.config
     regression = config.problem_type == "regression"
     return {"model_dir": str(settings.model_dir), "runtime": settings.runtime,
-            "quantize": getattr(model, "quantize", None) or settings.quantize, "precision": settings.precision,
+            "quantize": getattr(model, "quantize", None) or settings.quantize,
+            "precision": settings.precision if settings.runtime == "torch" else None,  # ONNX: the graph's own, see quantize
             "problem_type": config.problem_type or "single_label_classification",
             "labels": [config.id2label[i] for i in range(1 if regression else config.num_labels)],
             "max_length": max_input_length(tokenizer), "text_inputs": text_inputs(settings.model_dir),
