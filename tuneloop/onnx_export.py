@@ -212,14 +212,14 @@ def int8_ready(source: Path, target: Path) -> list[str]:
 
     original = source.read_bytes()
     model = ir.load(str(source))
+    biased = [n.name for n in biased_attention(model)]
     if attention_mask_as_index(model):
         rewritten = ir.to_proto(model).SerializeToString()
         if same_logits(original, rewritten):
             target.write_bytes(rewritten)
-            return [n.name for n in biased_attention(model)]
-        model = ir.load(str(source))
+            return []  # every one rewritten
     target.write_bytes(original)
-    return [n.name for n in biased_attention(model)]
+    return biased
 
 
 def quantize_int8(source: Path, target: Path) -> None:
