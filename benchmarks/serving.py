@@ -6,10 +6,13 @@
 Prediction rows (MRPC dev, batch 32, each variant loaded and warmed up, then timed in turns): torch fp32, torch int8
 (`predict --quantize int8`), torch bf16 (`--precision bf16`, on CPUs with fast bf16), ONNX Runtime fp32 and int8 (`export --format onnx [--quantize int8]`): dev
 accuracy, F1, predictions/s, model size; plus the largest |logit| difference of ORT fp32 from torch.
-Serving rows: `tuneloop serve` in a subprocess, a real HTTP client (httpx, asyncio) on localhost sending
-single-pair requests from `--clients` concurrent connections, with dynamic batching (`--max-batch-size 32`)
-and without (`--max-batch-size 1`): requests/s, p50/p99 latency, errors; then the server's peak RSS over
-`--rss-requests` requests at the highest concurrency. The client shares the machine's cores with the server.
+Serving rows: two `tuneloop serve` subprocesses, one with dynamic batching (`--max-batch-size 32`) and one
+without (`--max-batch-size 1`), and a real HTTP client on localhost sending single-pair requests from
+`--clients` concurrent connections to each in turn: requests/s, p50/p99 latency, errors; then `--rounds` more
+turns at the highest concurrency (the batching ratio is their median), and the batching server's peak RSS
+over `--rss-requests` requests. The client shares the machine's cores with the server, so it should cost
+little: wrk (C; `apt install wrk`) where installed, else httpx (Python), which on two cores takes a fifth of
+the CPU from the batching server (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import argparse
 import asyncio
 import io
 import json
+import math
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -29,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+WRK_SCRIPT = Path(__file__).with_name("wrk_predict.lua")
 sys.path.insert(0, str(ROOT))
 
 
@@ -46,11 +52,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the runtime `tuneloop serve` runs with (onnx: on the int8 export)")
     p.add_argument("--serve-precision", default="fp32", choices=("fp32", "bf16"),
                    help="`tuneloop serve --precision` for the serving rows (torch runtime)")
+    p.add_argument("--client", default="auto", choices=("auto", "wrk", "httpx"),
+                   help="HTTP load generator (auto: wrk where installed, else httpx)")
+    p.add_argument("--rounds", type=int, default=5, help="turns of both servers at the highest concurrency")
+    p.add_argument("--round-requests", type=int, default=1500, help="requests per server per round")
     p.add_argument("--repeats", type=int, default=5, help="timed passes over dev per prediction row, taken in turns "
                    "across the rows (median)")
     args = p.parse_args(argv)
     if args.quick:
-        args.requests, args.rss_requests, args.repeats = 100, 500, 1
+        args.requests, args.rss_requests, args.repeats, args.rounds, args.round_requests = 100, 500, 1, 1, 100
+    if args.client == "auto":
+        args.client = "wrk" if shutil.which("wrk") else "httpx"
     args.work_dir = Path(args.work_dir)
     return args
 
@@ -191,39 +203,94 @@ def watch_rss(pid: int, stop: threading.Event, samples: list[float]) -> None:
         time.sleep(0.2)
 
 
-def serving_rows(args, folder: Path, runtime: str) -> tuple[list[dict], dict]:
+def settle(url: str) -> None:
+    """Wait until the server has answered every request it took: a load that stops with requests in flight
+    (wrk at the end of its time) must not leave work for the next point to pay for."""
+    import httpx
+
+    for _ in range(1200):
+        if httpx.get(f"{url}/metadata", timeout=60).json()["batching"]["in_flight"] == 0:
+            return
+        time.sleep(0.1)
+
+
+def run_wrk(url: str, bodies_file: Path, clients: int, seconds: int) -> dict[str, Any]:
+    cmd = ["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--timeout", "120s", "-s", str(WRK_SCRIPT), url]
+    done = subprocess.run(cmd, env={**os.environ, "BODIES": str(bodies_file)}, capture_output=True, text=True,
+                          check=True)
+    point = json.loads(done.stdout.strip().splitlines()[-1])
+    settle(url)
+    return {**point, "requests_per_second": point["requests"] / point["seconds"]}
+
+
+def wrk_load(url: str, bodies_file: Path, clients: int, total: int) -> dict[str, Any]:
+    """wrk runs for a time, not a count: a 3 s pilot measures the rate, then a run long enough for `total`."""
+    pilot = run_wrk(url, bodies_file, clients, 3)
+    return run_wrk(url, bodies_file, clients, max(5, math.ceil(1.2 * total / pilot["requests_per_second"])))
+
+
+def client_name(client: str) -> str:
+    if client == "httpx":
+        import httpx
+
+        return f"httpx {httpx.__version__} (Python, asyncio)"
+    version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[0]
+    return f"{version.split(' Copyright')[0]} (C, one thread)"
+
+
+def serving_rows(args, folder: Path, runtime: str) -> tuple[list[dict], list[dict], dict]:
+    """The points (each concurrency, both servers in turns), `--rounds` more at the highest concurrency, RSS."""
     import httpx
 
     df, _ = dev_pairs(args.data_dir)
-    bodies = [json.dumps({"text": a, "text_pair": b}).encode() for a, b in zip(df.text, df.text_pair)]
+    bodies = [json.dumps({"text": a, "text_pair": b}) for a, b in zip(df.text, df.text_pair)]
+    bodies_file = args.work_dir / "bodies.jsonl"
+    bodies_file.write_text("\n".join(bodies) + "\n")
+
+    def measure(url: str, clients: int, total: int) -> dict[str, Any]:
+        if args.client == "wrk":
+            return wrk_load(url, bodies_file, clients, total)
+        return asyncio.run(load(url, [b.encode() for b in bodies], clients, total))
+
     clients = [int(c) for c in args.clients.split(",")]
-    rows, rss = [], {}
-    for batching, size in (("dynamic batching", 32), ("one at a time", 1)):
-        proc, url = start_server(folder, runtime, size, args.work_dir / f"serve-{size}.log", args.serve_precision)
-        try:
-            asyncio.run(load(url, bodies, 4, 64))  # warm-up
-            for n in clients:
-                point = asyncio.run(load(url, bodies, n, args.requests))
+    servers = {batching: start_server(folder, runtime, size, args.work_dir / f"serve-{size}.log", args.serve_precision)
+               for batching, size in (("dynamic batching", 32), ("one at a time", 1))}
+    rows, rounds = [], []
+    try:
+        for proc, url in servers.values():
+            asyncio.run(load(url, [b.encode() for b in bodies], 4, 64))  # warm-up
+        for n in clients:
+            for batching, (proc, url) in servers.items():
+                point = measure(url, n, args.requests)
                 rows.append({"batching": batching, "clients": n, **point,
                              "largest_batch": httpx.get(f"{url}/metadata").json()["batching"]["largest_batch"]})
                 print(f"[serve] {batching}, {n} clients: {point['requests_per_second']:.1f} req/s, "
                       f"p50 {point['p50_ms']:.0f} ms, p99 {point['p99_ms']:.0f} ms, {point['errors']} errors", flush=True)
-            if size > 1:
-                before, samples, stop = rss_mb(proc.pid), [], threading.Event()
-                watcher = threading.Thread(target=watch_rss, args=(proc.pid, stop, samples))
-                watcher.start()
-                point = asyncio.run(load(url, bodies, max(clients), args.rss_requests))
-                stop.set()
-                watcher.join()
-                rss = {"requests": args.rss_requests, "rss_before_mb": before, "peak_rss_mb": max(samples),
-                       "rss_after_mb": rss_mb(proc.pid), "errors": point["errors"]}
-                rss["growth_mb"] = rss["rss_after_mb"] - before
-                print(f"[serve] RSS over {args.rss_requests} requests: {before:.0f} -> peak {rss['peak_rss_mb']:.0f} MB",
-                      flush=True)
-        finally:
+        for i in range(args.rounds):
+            rps = {batching: measure(url, max(clients), args.round_requests)["requests_per_second"]
+                   for batching, (_, url) in servers.items()}
+            rounds.append({**rps, "ratio": rps["dynamic batching"] / rps["one at a time"]})
+            print(f"[serve] round {i + 1} at {max(clients)} clients: {rounds[-1]['ratio']:.2f}x", flush=True)
+        rss = rss_growth(args, *servers["dynamic batching"], measure, max(clients))
+    finally:
+        for proc, _ in servers.values():
             proc.terminate()
             proc.wait(timeout=120)
-    return rows, rss
+    return rows, rounds, rss
+
+
+def rss_growth(args, proc, url: str, measure, clients: int) -> dict[str, Any]:
+    before, samples, stop = rss_mb(proc.pid), [], threading.Event()
+    watcher = threading.Thread(target=watch_rss, args=(proc.pid, stop, samples))
+    watcher.start()
+    point = measure(url, clients, args.rss_requests)
+    stop.set()
+    watcher.join()
+    rss = {"requests": point["requests"], "rss_before_mb": before, "peak_rss_mb": max(samples),
+           "rss_after_mb": rss_mb(proc.pid), "errors": point["errors"]}
+    rss["growth_mb"] = rss["rss_after_mb"] - before
+    print(f"[serve] RSS over {point['requests']} requests: {before:.0f} -> peak {rss['peak_rss_mb']:.0f} MB", flush=True)
+    return rss
 
 
 def tables(result: dict) -> str:
@@ -232,11 +299,17 @@ def tables(result: dict) -> str:
         lines.append(f"| {r['row']} | {r['accuracy']:.4f} | {r['f1']:.4f} | {r['predictions_per_second']:.1f} | "
                      f"{r['model_mb']:.1f} |")
     lines += ["", f"ORT fp32 vs torch fp32, largest |logit| difference on dev: {result['max_logit_diff']:.2e}", "",
+              f"Serving: {result['serve_runtime']} {result['serve_precision']}, client {result['client']}", "",
               "| serving | clients | requests | errors | requests/s | p50 ms | p99 ms | largest batch since start |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["serving"]:
         lines.append(f"| {r['batching']} | {r['clients']} | {r['requests']} | {r['errors']} | "
                      f"{r['requests_per_second']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['largest_batch']} |")
+    rounds = result["rounds"]
+    lines += ["", f"{len(rounds)} rounds at {max(r['clients'] for r in result['serving'])} clients, servers in turns: "
+                  f"dynamic batching {statistics.median(r['dynamic batching'] for r in rounds):.1f} requests/s against "
+                  f"{statistics.median(r['one at a time'] for r in rounds):.1f} one at a time (medians); ratio per round "
+                  + ", ".join(f"{r['ratio']:.2f}" for r in rounds)]
     rss = result["rss"]
     lines += ["", f"Server RSS over {rss['requests']} requests: {rss['rss_before_mb']:.0f} MB before, peak "
                   f"{rss['peak_rss_mb']:.0f} MB, {rss['rss_after_mb']:.0f} MB after (growth {rss['growth_mb']:+.1f} MB), "
@@ -251,14 +324,13 @@ def targets(result: dict) -> list[str]:
     most = max(c for _, c in at)
     speed = pred["ORT int8"]["predictions_per_second"] / pred["torch fp32"]["predictions_per_second"]
     drop = (pred["torch fp32"]["accuracy"] - pred["ORT int8"]["accuracy"]) * 100
-    batched, single = at[("dynamic batching", most)], at[("one at a time", most)]
-    gain = batched["requests_per_second"] / single["requests_per_second"]
+    gain = statistics.median(r["ratio"] for r in result["rounds"])
     errors = sum(r["errors"] for r in result["serving"]) + result["rss"]["errors"]
     checks = [(result["max_logit_diff"] <= 1e-4, f"ORT fp32 logits within 1e-4 of torch: {result['max_logit_diff']:.2e}"),
               (speed >= 2.5 and drop <= 1, f"ORT int8 >= 2.5x torch fp32 predictions/s within 1 point: {speed:.2f}x, "
                                            f"{drop:+.2f} points behind"),
               (gain >= 3 and errors == 0, f"dynamic batching >= 3x one-at-a-time at {most} clients, 0 errors: "
-                                          f"{gain:.2f}x, {errors} errors"),
+                                          f"{gain:.2f}x (median of {len(result['rounds'])} rounds), {errors} errors"),
               (result["rss"]["growth_mb"] < 50, f"server RSS growth < 50 MB over {result['rss']['requests']} requests: "
                                                 f"{result['rss']['growth_mb']:+.1f} MB")]
     return [("PASS  " if ok else "MISS  ") + text for ok, text in checks]
@@ -275,10 +347,10 @@ def main(argv=None) -> int:
     export_onnx(args.model_dir, str(int8_dir), "int8", overwrite=True)
     prediction, diff = prediction_rows(args, fp32_dir, int8_dir)
     folder, runtime = (int8_dir, "onnx") if args.serve_runtime == "onnx" else (Path(args.model_dir), "torch")
-    serving, rss = serving_rows(args, folder, runtime)
+    serving, rounds, rss = serving_rows(args, folder, runtime)
     result = {"model_dir": str(args.model_dir), "quick": args.quick, "serve_runtime": runtime,
-              "serve_precision": args.serve_precision, "cpus": os.cpu_count(),
-              "prediction": prediction, "max_logit_diff": diff, "serving": serving, "rss": rss,
+              "serve_precision": args.serve_precision, "client": client_name(args.client), "cpus": os.cpu_count(),
+              "prediction": prediction, "max_logit_diff": diff, "serving": serving, "rounds": rounds, "rss": rss,
               "machine": machine_info(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     result["targets"] = targets(result)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
