@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -170,8 +171,10 @@ def test_health_metadata_and_openapi(server):
 
 
 def test_sigterm_during_a_request_still_answers_it_and_exits_0(tiny_model_dir, tmp_path):
-    # A wait of 3 s keeps the request in the batcher while SIGTERM arrives.
+    # A wait of 3 s keeps the request in the batcher while SIGTERM arrives; a lone input waits only after a
+    # batch of several, so one comes first.
     srv = Server(tiny_model_dir, tmp_path / "server.log", "--max-wait-ms", "3000")
+    assert srv.post([{"text": "a", "text_pair": "b"}, {"text": "c", "text_pair": "d"}]).status_code == 200
     answer = {}
     thread = threading.Thread(target=lambda: answer.update(r=srv.post({"text": "in flight", "text_pair": "still"})))
     try:
@@ -214,6 +217,47 @@ def test_a_gathered_batch_runs_in_length_sorted_model_calls_with_predicts_answer
     assert [r["label"] for r in served] == [r["label"] for r in alone]
     for s, a in zip(served, alone):
         assert s["score"] == pytest.approx(a["score"], abs=1e-5)
+
+
+async def collect_timed(batcher, arrivals: list[float], queued_first: int = 0) -> tuple[int, float]:
+    """Batch size and seconds from the last arrival to the batch being ready; inputs join at `arrivals` (s)."""
+    loop = asyncio.get_running_loop()
+    for _ in range(queued_first):  # inputs that queued while the model ran
+        batcher.queue.put_nowait((("a", None), None))
+    stamps = []
+
+    async def arrive(delay):
+        await asyncio.sleep(delay)
+        stamps.append(loop.time())
+        batcher.queue.put_nowait((("b", None), None))
+
+    arrivals_done = [asyncio.create_task(arrive(d)) for d in arrivals]
+    batch = await batcher.collect()
+    ready = loop.time()
+    await asyncio.gather(*arrivals_done)
+    return len(batch), ready - max(stamps, default=ready)
+
+
+def test_the_batcher_waits_only_where_another_input_can_join():
+    from tuneloop.serve import Batcher
+
+    def scenario(last_batch, arrivals, queued_first=0):
+        batcher = Batcher(None, None, max_batch_size=8, max_wait_ms=1000)
+        batcher.stats["last_batch"] = last_batch
+        try:
+            return asyncio.run(collect_timed(batcher, arrivals, queued_first))
+        finally:
+            batcher.executor.shutdown()
+
+    # One client: its input finds the model idle and the queue empty after a batch of one; nobody can join.
+    size, waited = scenario(last_batch=1, arrivals=[0.05])
+    assert size == 1 and waited < 0.5
+    # An input that queued while the model ran: others are about, so it waits and the next one joins.
+    size, waited = scenario(last_batch=1, arrivals=[0.05], queued_first=1)
+    assert size == 2 and waited > 0.5  # then waited out the rest of max_wait
+    # After a batch of several, a lone arrival waits for the others to come back.
+    size, waited = scenario(last_batch=5, arrivals=[0.05, 0.1])
+    assert size == 2 and waited > 0.5
 
 
 def test_a_model_batch_size_below_1_is_one_line(tiny_model_dir):

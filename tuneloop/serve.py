@@ -113,10 +113,16 @@ class Batcher:
             self.in_flight -= len(inputs)
 
     async def collect(self) -> list:
-        """The next batch: the first waiting input, then whatever joins it within max_wait (up to the size)."""
+        """The next batch: the first waiting input, then whatever joins it within max_wait (up to the size).
+
+        An input that finds the model idle and the queue empty after a batch of one waits for nobody: that is
+        what one client sees, whose next request comes only after this answer, so a wait would only delay it.
+        Signs of concurrency (inputs that queued while the model ran, or a last batch of several) bring the
+        wait back, so under load batches grow as before."""
         loop = asyncio.get_running_loop()
+        idle = self.queue.empty()
         batch = [await self.queue.get()]
-        deadline = loop.time() + self.max_wait
+        deadline = loop.time() + (0 if idle and self.stats["last_batch"] <= 1 else self.max_wait)
         while len(batch) < self.max_batch_size:
             if not self.queue.empty():
                 batch.append(self.queue.get_nowait())
