@@ -260,6 +260,30 @@ def test_the_batcher_waits_only_where_another_input_can_join():
     assert size == 2 and waited > 0.5
 
 
+def test_the_model_is_loaded_on_the_thread_that_runs_it(tiny_model_dir, rows, monkeypatch):
+    # Two threads running torch's CPU kernels each get an OpenMP team, and forward passes then ran up to 2x
+    # slower (tuneloop.serve.model_thread): the server's torch work stays on the batcher's one thread.
+    import tuneloop.serve as serve
+
+    threads = {}
+
+    def load_and_record(settings):
+        threads["load"] = threading.current_thread()
+        return real_load(settings)
+
+    real_load = serve.load_model
+    monkeypatch.setattr(serve, "load_model", load_and_record)
+    app = serve.create_app(serve.ServeSettings(model_dir=str(tiny_model_dir), precision="bf16").check())
+    batcher = app.state.batcher
+    batcher.model.register_forward_hook(lambda *_: threads.update(forward=threading.current_thread()))
+    try:
+        out = batcher.executor.submit(batcher.forward, [(rows.text[0], rows.text_pair[0])]).result()
+    finally:
+        batcher.executor.shutdown()
+    assert out[0]["label"].startswith("LABEL_")
+    assert threads["load"] is threads["forward"] and threads["load"] is not threading.main_thread()
+
+
 def test_a_model_batch_size_below_1_is_one_line(tiny_model_dir):
     proc = run_serve("--model-dir", str(tiny_model_dir), "--model-batch-size", "0", "--port", str(free_port()))
     assert proc.returncode != 0

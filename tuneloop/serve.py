@@ -52,7 +52,8 @@ class ServeSettings:
     model_batch_size: Optional[int] = setting(
         None, "most inputs per model call: a gathered batch is sorted by length and run in calls of this many, so "
               "short inputs are not padded to the longest of 32 (null: 16 with --precision bf16, else 8)")
-    max_wait_ms: float = setting(5.0, "how long the first input of a batch waits for others to join it")
+    max_wait_ms: float = setting(5.0, "how long the first input of a batch waits for others to join it "
+                                          "(not at all alone on an idle server)")
     max_inputs: int = setting(256, "most inputs in one request (more: 413)")
     max_body_bytes: int = setting(1_000_000, "largest request body in bytes (larger: 413)")
     threads: Optional[int] = setting(None, "CPU threads per forward pass (null: the runtime's choice)")
@@ -91,13 +92,13 @@ class Batcher:
     """Groups the inputs of concurrent requests into batches, runs one batch at a time off the event loop."""
 
     def __init__(self, model, tokenizer, max_batch_size: int, max_wait_ms: float, max_length: int = 512,
-                 model_batch_size: int | None = None):
+                 model_batch_size: int | None = None, executor: ThreadPoolExecutor | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
         self.model_batch_size = min(model_batch_size or max_batch_size, max_batch_size)
         self.max_length = max_length
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="tuneloop-model")
+        self.executor = executor or model_thread()
         self.stats = {"batches": 0, "inputs": 0, "largest_batch": 0, "last_batch": 0}
         self.in_flight = 0  # inputs received and not yet answered
 
@@ -272,6 +273,16 @@ def describe_model(settings: ServeSettings, model, tokenizer) -> dict:
             "limits": {"max_inputs": settings.max_inputs, "max_body_bytes": settings.max_body_bytes}}
 
 
+def model_thread() -> ThreadPoolExecutor:
+    """The one thread that loads the model and runs every forward pass.
+
+    Each thread that runs torch's parallel CPU kernels gets its own OpenMP team, and once two threads had
+    teams, every forward pass ran slower: one MRPC pair at a time in bf16, 126 pairs/s loaded and run on one
+    thread, 59 loaded (cast to bf16) on the main thread and run on a worker (fp32 after a worker had run:
+    84 -> 55; 2-core Xeon, docs/serving.md). So the server loads the model on the thread that runs it."""
+    return ThreadPoolExecutor(1, thread_name_prefix="tuneloop-model")
+
+
 def load_model(settings: ServeSettings):
     """The model and tokenizer; when batching, ONNX Runtime's threads sleep between forward passes.
 
@@ -306,18 +317,19 @@ def add_error_handlers(app) -> None:
         return error_response(error.status, error.field, error.message)
 
 
-def create_app(settings: ServeSettings, model=None, tokenizer=None):
+def create_app(settings: ServeSettings, model=None, tokenizer=None, executor: ThreadPoolExecutor | None = None):
     """The FastAPI app: POST /predict, GET /health, GET /metadata, the page at /, OpenAPI docs at /docs."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse
 
+    executor = executor or model_thread()
     if model is None:
-        model, tokenizer = load_model(settings)
+        model, tokenizer = executor.submit(load_model, settings).result()
     info = describe_model(settings, model, tokenizer)
     batcher = Batcher(model, tokenizer, settings.max_batch_size, settings.max_wait_ms,
-                      model_batch_size=settings.model_batch_size)
+                      model_batch_size=settings.model_batch_size, executor=executor)
     schema = input_model()
 
     @asynccontextmanager
@@ -330,6 +342,7 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None):
     app = FastAPI(title="tuneloop serve", version="1", lifespan=lifespan,
                   description=f"{info['problem_type']} over {', '.join(info['labels'])} ({settings.runtime})")
 
+    app.state.batcher = batcher
     add_error_handlers(app)
     item_schema = schema.model_json_schema()
     body_schema = {"anyOf": [item_schema, {"type": "array", "items": item_schema, "minItems": 1,
@@ -399,7 +412,8 @@ def serve(settings: ServeSettings) -> None:
 
     settings.check()
     check_port_free(settings.host, settings.port)
-    model, tokenizer = load_model(settings)  # a folder that is not a model stops here, with one line
+    executor = model_thread()
+    model, tokenizer = executor.submit(load_model, settings).result()  # not a model: stops here, with one line
     # uvicorn re-raises the signal it stopped on once it has shut down; a no-op handler lets the exit be 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
     options = dict(host=settings.host, port=settings.port, access_log=settings.access_log,
@@ -408,7 +422,8 @@ def serve(settings: ServeSettings) -> None:
     if settings.workers > 1:
         os.environ[SETTINGS_ENV] = json.dumps(dataclasses.asdict(settings))
         del model, tokenizer
+        executor.shutdown()
         uvicorn.run("tuneloop.serve:app_from_env", factory=True, workers=settings.workers, **options)
     else:
-        uvicorn.run(create_app(settings, model, tokenizer), **options)
+        uvicorn.run(create_app(settings, model, tokenizer, executor), **options)
     print(f"tuneloop: serve stopped after {time.monotonic() - started:.0f} s", flush=True)
