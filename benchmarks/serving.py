@@ -261,11 +261,15 @@ def serving_rows(args, folder: Path, runtime: str) -> tuple[list[dict], list[dic
             asyncio.run(load(url, [b.encode() for b in bodies], 4, 64))  # warm-up
         for n in clients:
             for batching, (proc, url) in servers.items():
+                before = httpx.get(f"{url}/metadata").json()["batching"]
                 point = measure(url, n, args.requests)
-                rows.append({"batching": batching, "clients": n, **point,
-                             "largest_batch": httpx.get(f"{url}/metadata").json()["batching"]["largest_batch"]})
+                after = httpx.get(f"{url}/metadata").json()["batching"]
+                mean_batch = (after["inputs"] - before["inputs"]) / max(1, after["batches"] - before["batches"])
+                rows.append({"batching": batching, "clients": n, **point, "mean_batch": mean_batch,
+                             "largest_batch": after["largest_batch"]})
                 print(f"[serve] {batching}, {n} clients: {point['requests_per_second']:.1f} req/s, "
-                      f"p50 {point['p50_ms']:.0f} ms, p99 {point['p99_ms']:.0f} ms, {point['errors']} errors", flush=True)
+                      f"p50 {point['p50_ms']:.0f} ms, p99 {point['p99_ms']:.0f} ms, mean batch {mean_batch:.1f}, "
+                      f"{point['errors']} errors", flush=True)
         for i in range(args.rounds):
             rps = {batching: measure(url, max(clients), args.round_requests)["requests_per_second"]
                    for batching, (_, url) in servers.items()}
@@ -300,11 +304,13 @@ def tables(result: dict) -> str:
                      f"{r['model_mb']:.1f} |")
     lines += ["", f"ORT fp32 vs torch fp32, largest |logit| difference on dev: {result['max_logit_diff']:.2e}", "",
               f"Serving: {result['serve_runtime']} {result['serve_precision']}, client {result['client']}", "",
-              "| serving | clients | requests | errors | requests/s | p50 ms | p99 ms | largest batch since start |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| serving | clients | requests | errors | requests/s | p50 ms | p99 ms | mean batch | largest batch since start |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["serving"]:
+        mean = f"{r['mean_batch']:.1f}" if "mean_batch" in r else "-"  # results written before it was measured
         lines.append(f"| {r['batching']} | {r['clients']} | {r['requests']} | {r['errors']} | "
-                     f"{r['requests_per_second']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['largest_batch']} |")
+                     f"{r['requests_per_second']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {mean} | "
+                     f"{r['largest_batch']} |")
     rounds = result["rounds"]
     lines += ["", f"{len(rounds)} rounds at {max(r['clients'] for r in result['serving'])} clients, servers in turns: "
                   f"dynamic batching {statistics.median(r['dynamic batching'] for r in rounds):.1f} requests/s against "
