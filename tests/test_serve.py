@@ -111,10 +111,13 @@ def test_all_scores_gives_every_label_a_probability(server):
 def test_concurrent_requests_are_batched(server, tiny_model_dir, rows):
     expected = list(predict_rows(str(tiny_model_dir), rows))
     before = server.metadata()["batching"]
+    started = time.perf_counter()
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda i: server.post({"text": rows.text[i], "text_pair": rows.text_pair[i]}),
                                 range(16)))
+    wall = time.perf_counter() - started
     after = server.metadata()["batching"]
+    assert 0 < after["model_seconds"] - before["model_seconds"] <= wall  # the model's busy time, within the wall
     assert [a.status_code for a in answers] == [200] * 16
     assert [a.json()["label"] for a in answers] == [r["label"] for r in expected[:16]]
     assert [a.json()["score"] for a in answers] == pytest.approx([r["score"] for r in expected[:16]], abs=1e-6)

@@ -100,7 +100,7 @@ class Batcher:
         self.max_length = max_length
         self.queue: asyncio.Queue = asyncio.Queue()
         self.executor = executor or model_thread()
-        self.stats = {"batches": 0, "inputs": 0, "largest_batch": 0, "last_batch": 0}
+        self.stats = {"batches": 0, "inputs": 0, "largest_batch": 0, "last_batch": 0, "model_seconds": 0.0}
         self.in_flight = 0  # inputs received and not yet answered
 
     async def predict(self, inputs: list[tuple[str, str | None]]) -> list[dict]:
@@ -142,6 +142,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self.collect()
+            started = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self.executor, self.forward, [item for item, _ in batch])
             except Exception as e:  # the model failed on this batch: its requests get a 500, the server goes on
@@ -149,6 +150,8 @@ class Batcher:
                     if not future.done():
                         future.set_exception(e)
                 continue
+            finally:  # the model's busy time: its share of the wall says whether the model or HTTP bounds the server
+                self.stats["model_seconds"] += time.perf_counter() - started
             for (_, future), result in zip(batch, results):
                 if not future.done():  # a client that went away leaves a cancelled future
                     future.set_result(result)
