@@ -261,15 +261,18 @@ def serving_rows(args, folder: Path, runtime: str) -> tuple[list[dict], list[dic
             asyncio.run(load(url, [b.encode() for b in bodies], 4, 64))  # warm-up
         for n in clients:
             for batching, (proc, url) in servers.items():
-                before = httpx.get(f"{url}/metadata").json()["batching"]
-                point = measure(url, n, args.requests)
-                after = httpx.get(f"{url}/metadata").json()["batching"]
+                before, started = httpx.get(f"{url}/metadata").json()["batching"], time.perf_counter()
+                point = measure(url, n, args.requests)  # with wrk: a pilot, then the measured run
+                wall, after = time.perf_counter() - started, httpx.get(f"{url}/metadata").json()["batching"]
                 mean_batch = (after["inputs"] - before["inputs"]) / max(1, after["batches"] - before["batches"])
+                # the model's busy time over the wall of the load (pilot included): near 1, the model bounds the
+                # server, not HTTP
+                model_share = (after["model_seconds"] - before["model_seconds"]) / wall
                 rows.append({"batching": batching, "clients": n, **point, "mean_batch": mean_batch,
-                             "largest_batch": after["largest_batch"]})
+                             "model_share": model_share, "largest_batch": after["largest_batch"]})
                 print(f"[serve] {batching}, {n} clients: {point['requests_per_second']:.1f} req/s, "
                       f"p50 {point['p50_ms']:.0f} ms, p99 {point['p99_ms']:.0f} ms, mean batch {mean_batch:.1f}, "
-                      f"{point['errors']} errors", flush=True)
+                      f"model busy {model_share:.0%}, {point['errors']} errors", flush=True)
         for i in range(args.rounds):
             rps = {batching: measure(url, max(clients), args.round_requests)["requests_per_second"]
                    for batching, (_, url) in servers.items()}
@@ -304,12 +307,13 @@ def tables(result: dict) -> str:
                      f"{r['model_mb']:.1f} |")
     lines += ["", f"ORT fp32 vs torch fp32, largest |logit| difference on dev: {result['max_logit_diff']:.2e}", "",
               f"Serving: {result['serve_runtime']} {result['serve_precision']}, client {result['client']}", "",
-              "| serving | clients | requests | errors | requests/s | p50 ms | p99 ms | mean batch | largest batch since start |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in result["serving"]:
-        mean = f"{r['mean_batch']:.1f}" if "mean_batch" in r else "-"  # results written before it was measured
+              "| serving | clients | requests | errors | requests/s | p50 ms | p99 ms | mean batch | model busy | "
+              "largest batch since start |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["serving"]:  # results written before mean batch and model busy were measured show "-"
+        mean = f"{r['mean_batch']:.1f}" if "mean_batch" in r else "-"
+        busy = f"{r['model_share']:.0%}" if "model_share" in r else "-"
         lines.append(f"| {r['batching']} | {r['clients']} | {r['requests']} | {r['errors']} | "
-                     f"{r['requests_per_second']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {mean} | "
+                     f"{r['requests_per_second']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {mean} | {busy} | "
                      f"{r['largest_batch']} |")
     rounds = result["rounds"]
     lines += ["", f"{len(rounds)} rounds at {max(r['clients'] for r in result['serving'])} clients, servers in turns: "
