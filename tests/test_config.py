@@ -103,6 +103,20 @@ def test_every_shipped_recipe_is_a_valid_config_and_loads_by_name():
     assert load_config("fast", {"batch_size": "16"}).train.batch_size == 16  # flags still override a recipe
 
 
+def test_the_fast_recipes_frozen_layer_gives_way_to_adapters_but_a_named_one_does_not(tmp_path):
+    assert load_config("fast").optim.freeze_layers == 1
+    for method in ("lora", "adalora"):  # adapters freeze every base weight already; the recipe stays usable with them
+        config = load_config("fast", {"peft": method})
+        assert (config.peft.method, config.optim.freeze_layers, config.train.batch_size) == (method, 0, 32)
+    assert load_config("fast", {"peft": "none"}).optim.freeze_layers == 1
+    with pytest.raises(ConfigError, match="^optim.freeze_layers: --peft lora already freezes every base layer"):
+        load_config("fast", {"peft": "lora", "freeze_layers": "1"})
+    own = tmp_path / "own.yaml"  # a user's own file is what they asked for: still an error
+    own.write_text("optim:\n  freeze_layers: 1\npeft:\n  method: lora\n")
+    with pytest.raises(ConfigError, match="^optim.freeze_layers: --peft lora already freezes"):
+        load_config(own)
+
+
 def test_unknown_recipe_name_lists_the_built_in_ones():
     with pytest.raises(ConfigError, match=r"built-in recipes: adalora, classic, fast, lora.*did you mean 'fast'"):
         load_config("fsat")

@@ -460,10 +460,22 @@ def load_config(path: str | Path | None = None, flags: dict[str, Any] | None = N
     """YAML file (optional) + flag overrides -> validated Config."""
     raw = read_yaml(path) if path else {}
     overrides = overrides_from_flags(flags or {}, prefix=prefix)
-    config = config_from_dict(merge(raw, overrides))
     recipe = path is not None and resolve_config_path(path).parent == RECIPES_DIR
+    if recipe:
+        raw = recipe_yields_to_adapters(raw, overrides)
+    config = config_from_dict(merge(raw, overrides))
     config.given = paths_in(overrides) | (frozenset() if recipe else paths_in(raw))
     return config
+
+
+def recipe_yields_to_adapters(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A recipe's frozen bottom layers give way to --peft (`--config fast --peft lora` stays valid): adapters
+    freeze every base weight already, and frozen layers would keep their adapters from learning. Asked for by
+    name, `--freeze-layers N --peft lora` is still an error."""
+    method = overrides.get("peft", {}).get("method", raw.get("peft", {}).get("method", "none"))
+    if str(method).lower() in ("none", "null") or "freeze_layers" not in raw.get("optim", {}):
+        return raw
+    return {**raw, "optim": {k: v for k, v in raw["optim"].items() if k != "freeze_layers"}}
 
 
 def validate(config: Config) -> None:
